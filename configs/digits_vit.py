@@ -1,0 +1,48 @@
+r"""Dense ViT on the offline digits data (scikit-learn, 8x8 images): the quick start.
+
+Trains in about a minute on 2 CPU cores:
+
+  python -m vmoe_jax.main --config=configs/digits_vit.py --workdir=/tmp/digits_vit
+
+Data: 1,438 train / 359 test images (fixed split, see input_pipeline.py).
+"""
+
+from vmoe_jax import config_defaults
+
+
+def get_config(arg=None):
+  del arg
+  config = config_defaults.get_config()
+
+  # Model: 2x2 patches -> 16 tokens, global average pooling.
+  config.model.patch_size = 2
+  config.model.width = 64
+  config.model.depth = 4
+  config.model.num_heads = 4
+  config.model.mlp_dim = 128
+  config.model.classifier = 'gap'
+  config.model.dropout = 0.1
+  config.model.moe.num_experts = 0
+
+  # Input: shifts of up to 1 pixel; no flips (digits are not mirror-symmetric).
+  config.input.dataset = 'digits'
+  config.input.batch_size = 128
+  config.input.eval_batch_size = 360
+  config.input.crop_padding = 1
+  config.input.flip = False
+
+  # Optimizer and schedule.
+  config.optimizer.name = 'adafactor'
+  config.optimizer.learning_rate = 6e-3
+  config.optimizer.weight_decay = 1e-3
+  config.optimizer.head_weight_decay = 1e-3
+  config.schedule.decay = 'rsqrt'
+  config.schedule.timescale = 200
+  config.schedule.warmup_steps = 100
+  config.schedule.cooldown_steps = 300
+
+  config.train.num_steps = 1500
+  config.train.log_every = 100
+  config.train.eval_every = 500
+  config.train.checkpoint_every = 500
+  return config

@@ -1,0 +1,152 @@
+"""Input pipelines: the digits split and batches; TFDS on mocked data."""
+
+import numpy as np
+import pytest
+
+from vmoe_jax import config_defaults
+from vmoe_jax import input_pipeline
+from vmoe_jax.errors import UserError
+
+
+def digits_config(**input_overrides):
+  config = config_defaults.get_config()
+  config.input.dataset = 'digits'
+  config.input.batch_size = 32
+  config.input.eval_batch_size = 64
+  config.input.crop_padding = 1
+  config.input.flip = False
+  for k, v in input_overrides.items():
+    config.input[k] = v
+  return config
+
+
+def test_digits_split_is_fixed_stratified_and_disjoint():
+  (train_x, train_y), (test_x, test_y) = input_pipeline.digits_split()
+  assert len(train_y) == 1438 and len(test_y) == 359
+  assert train_x.shape == (1438, 8, 8, 1) and train_x.dtype == np.float32
+  # 20% of every class in the test set.
+  _, counts = np.unique(test_y, return_counts=True)
+  from sklearn.datasets import load_digits
+
+  _, totals = np.unique(load_digits().target, return_counts=True)
+  np.testing.assert_array_equal(counts, np.round(0.2 * totals))
+  # Disjoint: no test image (with its label) appears in the train set.
+  train_rows = {(x.tobytes(), y) for x, y in zip(train_x, train_y)}
+  assert not any((x.tobytes(), y) in train_rows for x, y in zip(test_x, test_y))
+  # Fixed: the same split every time.
+  (_, train_y2), (test_x2, _) = input_pipeline.digits_split()
+  np.testing.assert_array_equal(test_x, test_x2)
+  np.testing.assert_array_equal(train_y, train_y2)
+
+
+def test_digits_train_batches_are_a_function_of_the_step():
+  data = input_pipeline.create_dataset(digits_config())
+  first = [next(data.train_batches(0)) for _ in range(1)][0]
+  it = data.train_batches(0)
+  batches = [next(it) for _ in range(5)]
+  resumed = next(data.train_batches(4))
+  np.testing.assert_array_equal(batches[0]['image'], first['image'])
+  np.testing.assert_array_equal(batches[4]['image'], resumed['image'])
+  np.testing.assert_array_equal(batches[4]['label'], resumed['label'])
+  assert batches[0]['image'].shape == (32, 8, 8, 1)
+  assert batches[0]['image'].min() >= -1 and batches[0]['image'].max() <= 1
+
+
+def test_digits_epoch_covers_every_example_once():
+  config = digits_config(crop_padding=0)
+  data = input_pipeline.create_dataset(config)
+  num = data.num_train
+  positions = np.concatenate(
+    [input_pipeline.stream_positions(s, 32, num, config.seed) for s in range(num // 32)]
+  )
+  assert len(np.unique(positions)) == len(positions)
+  # Without augmentation, the images are the train images themselves.
+  batch = next(data.train_batches(0))
+  train_x, _ = data.train_arrays
+  idx = input_pipeline.stream_positions(0, 32, num, config.seed)
+  np.testing.assert_array_equal(batch['image'], train_x[idx])
+
+
+def test_digits_processes_split_the_same_global_batch():
+  config = digits_config()
+  whole = next(input_pipeline.create_dataset(config, 0, 1).train_batches(3))
+  parts = [next(input_pipeline.create_dataset(config, p, 4).train_batches(3)) for p in range(4)]
+  np.testing.assert_array_equal(np.concatenate([p['image'] for p in parts]), whole['image'])
+  with pytest.raises(UserError, match='batch_size=32 does not split over 3 processes'):
+    input_pipeline.create_dataset(config, 0, 3)
+
+
+def test_digits_eval_batches_are_padded_and_masked():
+  data = input_pipeline.create_dataset(digits_config(eval_batch_size=64))
+  batches = list(data.eval_batches())
+  assert len(batches) == 6  # ceil(359 / 64)
+  assert sum(b['mask'].sum() for b in batches) == 359
+  labels = np.concatenate([b['label'][b['mask'] > 0] for b in batches])
+  np.testing.assert_array_equal(labels, data.test_arrays[1])
+  # Two processes: same number of batches each, 359 valid rows in total.
+  parts = [
+    list(input_pipeline.create_dataset(digits_config(eval_batch_size=64), p, 2).eval_batches())
+    for p in range(2)
+  ]
+  assert len(parts[0]) == len(parts[1])
+  assert sum(b['mask'].sum() for part in parts for b in part) == 359
+
+
+# --------------------------------------------------------------------------- TFDS
+
+tfds = pytest.importorskip('tensorflow_datasets')
+
+
+def tfds_config(**input_overrides):
+  config = config_defaults.get_config()
+  config.input.dataset = 'cifar10'
+  config.input.data_dir = '/nonexistent/tfds'
+  config.input.batch_size = 8
+  config.input.eval_batch_size = 8
+  for k, v in input_overrides.items():
+    config.input[k] = v
+  return config
+
+
+def test_tfds_pipeline_on_mock_data():
+  with tfds.testing.mock_data(num_examples=20):
+    data = input_pipeline.create_dataset(tfds_config())
+    assert data.num_classes == 10 and data.image_shape == (32, 32, 3)
+    assert data.num_train == 20 and data.num_test == 20
+    it = data.train_batches(0)
+    batches = [next(it) for _ in range(4)]
+    b = batches[0]
+    assert b['image'].shape == (8, 32, 32, 3) and b['image'].dtype == np.float32
+    assert b['label'].shape == (8,) and b['label'].dtype == np.int32
+    assert b['image'].min() >= -1.0 and b['image'].max() <= 1.0
+    # Resuming at step 3 gives the batch the uninterrupted pipeline gave.
+    resumed = next(data.train_batches(3))
+    np.testing.assert_array_equal(resumed['image'], batches[3]['image'])
+    evals = list(data.eval_batches())
+    assert len(evals) == 3 and sum(e['mask'].sum() for e in evals) == 20
+
+
+def test_tfds_pipeline_per_process_shards():
+  with tfds.testing.mock_data(num_examples=20):
+    parts = [input_pipeline.create_dataset(tfds_config(), p, 2) for p in range(2)]
+    batches = [next(p.train_batches(0)) for p in parts]
+    assert all(b['image'].shape == (4, 32, 32, 3) for b in batches)
+    evals = [list(p.eval_batches()) for p in parts]
+    # Every process runs as many eval batches. (mock_data serves 20 examples
+    # for any sub-split, so the valid-row counts mean nothing here.)
+    assert len(evals[0]) == len(evals[1]) == 3
+    assert all(e['image'].shape == (4, 32, 32, 3) for part in evals for e in part)
+
+
+def test_tfds_missing_dataset_is_one_clear_line(tmp_path):
+  config = tfds_config(data_dir=str(tmp_path))
+  with pytest.raises(UserError) as info:
+    input_pipeline.create_dataset(config)
+  message = str(info.value)
+  assert "'cifar10' is not prepared" in message and '--config.input.data_dir' in message
+  assert '\n' not in message
+
+
+def test_unknown_dataset_name():
+  with pytest.raises(UserError, match="'cifar11' is neither 'digits' nor a TFDS dataset"):
+    input_pipeline.create_dataset(tfds_config(dataset='cifar11'))

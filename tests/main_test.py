@@ -1,0 +1,99 @@
+"""The command line: config files, overrides and one-line errors."""
+
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from vmoe_jax import config_defaults
+from vmoe_jax.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args, env=None):
+  return subprocess.run(
+    [sys.executable, '-m', 'vmoe_jax.main', *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, **(env or {})},
+  )
+
+
+def test_override_typo_fails_with_one_line(tmp_path):
+  result = run_main(
+    '--config=configs/digits_vit.py', f'--workdir={tmp_path}', '--config.model.widht=3'
+  )
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert lines[-1] == (
+    "error: unknown config key 'model.widht' (did you mean 'model.width'?); "
+    'see vmoe_jax/config_defaults.py for all keys.'
+  )
+  assert not os.listdir(tmp_path)  # Nothing was written.
+
+
+def test_unknown_section_and_bad_value(tmp_path):
+  result = run_main(
+    '--config=configs/digits_vit.py', f'--workdir={tmp_path}', '--config.modle.width=3'
+  )
+  assert result.returncode == 2 and "unknown config key 'modle.width'" in result.stderr
+  result = run_main(
+    '--config=configs/digits_vit.py', f'--workdir={tmp_path}', '--config.model.width=abc'
+  )
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith('error: bad --config flag')
+
+
+def test_missing_config_file(tmp_path):
+  result = run_main('--config=configs/nope.py', f'--workdir={tmp_path}')
+  assert result.returncode == 2
+  assert "config file 'configs/nope.py' does not exist" in result.stderr
+
+
+def test_bad_value_is_a_one_line_error(tmp_path):
+  result = run_main(
+    '--config=configs/digits_vit.py', f'--workdir={tmp_path}', '--config.optimizer.name=adamm'
+  )
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+    "error: optimizer 'adamm' is unknown; use one of ('adafactor', 'adamw', 'sgd')."
+  )
+
+
+def test_validate_rejects_keys_outside_the_schema():
+  config = config_defaults.get_config()
+  config.unlock()
+  config.model.moe.num_expert = 4
+  with pytest.raises(
+    UserError,
+    match="unknown config key 'model.moe.num_expert' \\(did you mean 'model.moe.num_experts'\\?\\)",
+  ):
+    config_defaults.validate(config)
+
+
+def test_defaults_are_locked():
+  config = config_defaults.get_config()
+  with pytest.raises(AttributeError):
+    config.model.widht = 3
+  assert isinstance(config, ml_collections.ConfigDict)
+
+
+@pytest.mark.parametrize('name', sorted(os.listdir(os.path.join(REPO, 'configs'))))
+def test_every_config_loads_and_validates(name):
+  if not name.endswith('.py'):
+    return
+  import importlib.util
+
+  from ml_collections import config_flags  # noqa: F401  (the loader main uses)
+
+  spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(REPO, 'configs', name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config_defaults.validate(config)
+  assert 'python -m vmoe_jax.main' in module.__doc__

@@ -1,0 +1,56 @@
+"""End-to-end training on 8 fake CPU devices: steps, metrics, checkpoints, resume."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from small_configs import tiny_config
+
+from vmoe_jax import metrics
+from vmoe_jax import train
+from vmoe_jax.errors import UserError
+
+
+def test_two_steps_end_to_end_on_8_devices(tmp_path):
+  assert jax.device_count() == 8
+  config = tiny_config()
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert results['step'] == 2
+  assert 0.0 <= results['test/accuracy'] <= 1.0
+  records = metrics.read_metrics(str(tmp_path))
+  steps = [r['step'] for r in records if 'train/loss' in r]
+  assert steps == [1, 2]
+  first = records[0]
+  assert np.isfinite(first['train/loss'])
+  assert 'train/moe/block_01/dropped' in first
+  assert len(first['train/moe/block_01/expert_load']) == 8
+  np.testing.assert_allclose(sum(first['train/moe/block_01/expert_load']), 1.0, rtol=1e-5)
+  assert os.path.isdir(tmp_path / 'checkpoints' / '2')
+  assert os.listdir(tmp_path / 'tensorboard')
+  with open(tmp_path / 'results.json') as f:
+    assert json.load(f)['test/accuracy'] == results['test/accuracy']
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path):
+  config = tiny_config(steps=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  config = tiny_config(steps=3)
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert results['step'] == 3 and results['train_steps_run'] == 1
+
+
+def test_resume_with_another_model_is_refused(tmp_path):
+  train.train_and_evaluate(tiny_config(steps=1), str(tmp_path))
+  before = sorted(os.listdir(tmp_path / 'checkpoints'))
+  with pytest.raises(UserError, match='holds checkpoints of another model'):
+    train.train_and_evaluate(tiny_config(num_experts=16, steps=2), str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == before
+
+
+def test_batch_not_divisible_by_devices(tmp_path):
+  config = tiny_config()
+  config.input.batch_size = 12
+  with pytest.raises(UserError, match='batch_size=12 does not split over the 8 devices'):
+    train.train_and_evaluate(config, str(tmp_path))

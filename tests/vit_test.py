@@ -1,0 +1,152 @@
+"""ViT shapes, parameter counts, size names and MoE placement."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vmoe_jax.errors import UserError
+from vmoe_jax.models import vit
+
+
+def param_count(model, image_shape=(32, 32, 3)):
+  variables = jax.eval_shape(
+    lambda k: model.init({'params': k}, jnp.zeros((1, *image_shape)), train=False),
+    jax.random.key(0),
+  )
+  return sum(x.size for x in jax.tree.leaves(nn.meta.unbox(variables)['params']))
+
+
+def seed_vit(**kwargs):
+  """The seed's CIFAR-10 ViT: width 300, depth 12, 12 heads, MLP 1024, patch 4."""
+  return vit.ViT(
+    num_classes=10, patch_size=4, width=300, depth=12, num_heads=12, mlp_dim=1024, **kwargs
+  )
+
+
+def test_dense_seed_vit_parameter_count():
+  width, mlp, depth, tokens = 300, 1024, 12, 8 * 8 + 1
+  per_block = (
+    2 * 2 * width  # two LayerNorms
+    + 4 * (width * width + width)  # q, k, v, out projections with biases
+    + (width * mlp + mlp)
+    + (mlp * width + width)  # MLP
+  )
+  expected = (
+    4 * 4 * 3 * width
+    + width  # patch embedding
+    + width
+    + tokens * width  # class token, position embeddings
+    + depth * per_block
+    + 2 * width  # final LayerNorm
+    + width * 10
+    + 10  # head
+  )
+  assert expected == 11_775_598
+  assert param_count(seed_vit()) == expected
+  # The seed reports ~12.8M: ours is 8% fewer (see README, "Parameter counts").
+  assert abs(expected / 12.8e6 - 1) < 0.1
+
+
+@pytest.mark.parametrize('num_experts', [32, 64])
+def test_switch_seed_vit_parameter_count(num_experts):
+  width, mlp = 300, 1024
+  dense = param_count(seed_vit())
+  per_expert = 2 * width * mlp + mlp + width
+  # Every block: the dense MLP is replaced by E experts and a router (D x E).
+  expected = dense + 12 * ((num_experts - 1) * per_expert + width * num_experts)
+  model = seed_vit(moe=dict(num_experts=num_experts), moe_layers=tuple(range(12)))
+  assert param_count(model) == expected
+  assert expected == {32: 240_940_126, 64: 477_493_342}[num_experts]
+
+
+def test_output_shapes_and_extras():
+  model = vit.ViT(
+    num_classes=7,
+    patch_size=2,
+    width=16,
+    depth=3,
+    num_heads=2,
+    mlp_dim=32,
+    moe=dict(num_experts=4),
+    moe_layers=(1,),
+    aux_loss_weights=dict(load_balance_weight=0.5),
+  )
+  images = jnp.ones((4, 8, 8, 1))
+  variables = model.init({'params': jax.random.key(0)}, images, train=False)
+  logits, extras = model.apply(variables, images, train=False)
+  assert logits.shape == (4, 7) and logits.dtype == jnp.float32
+  assert extras['pre_logits'].shape == (4, 16)
+  assert set(extras['moe']) == {1}
+  assert extras['moe'][1]['expert_load'].shape == (4,)
+  np.testing.assert_allclose(
+    extras['auxiliary_loss'], 0.5 * extras['moe'][1]['load_balancing_loss'], rtol=1e-6
+  )
+
+
+def test_gap_classifier_and_bfloat16():
+  model = vit.ViT(
+    num_classes=3,
+    patch_size=4,
+    width=16,
+    depth=1,
+    num_heads=2,
+    mlp_dim=16,
+    classifier='gap',
+    dtype=jnp.bfloat16,
+  )
+  images = jnp.ones((2, 16, 16, 3))
+  variables = model.init({'params': jax.random.key(0)}, images, train=False)
+  assert 'cls' not in variables['params']
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
+  logits, _ = model.apply(variables, images, train=False)
+  assert logits.dtype == jnp.float32
+
+
+def test_dropout_only_in_training():
+  model = vit.ViT(
+    num_classes=3, patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=16, dropout_rate=0.5
+  )
+  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  variables = model.init({'params': jax.random.key(0)}, images, train=False)
+  a, _ = model.apply(variables, images, train=False)
+  b, _ = model.apply(variables, images, train=False)
+  np.testing.assert_array_equal(a, b)
+  pre_a = model.apply(variables, images, train=True, rngs={'dropout': jax.random.key(2)})[1]
+  pre_b = model.apply(variables, images, train=True, rngs={'dropout': jax.random.key(3)})[1]
+  assert not np.allclose(pre_a['pre_logits'], pre_b['pre_logits'])
+
+
+def test_decode_variant():
+  assert vit.decode_variant('S/16') == dict(
+    width=384, depth=12, num_heads=6, mlp_dim=1536, patch_size=16
+  )
+  assert vit.decode_variant('Ti/4')['width'] == 192
+  with pytest.raises(UserError, match="variant 'X/16' is unknown"):
+    vit.decode_variant('X/16')
+  with pytest.raises(UserError):
+    vit.decode_variant('S16')
+
+
+@pytest.mark.parametrize(
+  'spec,expected',
+  [
+    ('all', (0, 1, 2, 3, 4, 5)),
+    ('every_2', (1, 3, 5)),
+    ('every_3', (2, 5)),
+    ('last_2', (4, 5)),
+    ('none', ()),
+    ('0,3', (0, 3)),
+    ((5, 1), (1, 5)),
+  ],
+)
+def test_moe_layer_indices(spec, expected):
+  assert vit.moe_layer_indices(spec, 6) == expected
+
+
+def test_moe_layer_indices_errors():
+  with pytest.raises(UserError, match='not understood'):
+    vit.moe_layer_indices('odd', 6)
+  with pytest.raises(UserError, match='outside the 6 blocks'):
+    vit.moe_layer_indices('1,7', 6)

@@ -1,0 +1,185 @@
+"""Every configuration key, with its default and what it means.
+
+Experiment configs (`configs/*.py`) start from `get_config()` and change a
+few fields. The returned ConfigDict is locked: assigning a key that does not
+exist here (in a config file or with `--config.x=y`) fails, and
+`validate` checks a config built elsewhere against this schema.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import ml_collections
+from ml_collections import config_dict
+
+from vmoe_jax.errors import UserError
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The defaults: a dense ViT on the offline digits data."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Model. `variant` ("Ti/4", "S/16", ...) sets width, depth, heads, MLP width
+  # and patch size; the explicit fields below override it when set.
+  config.model = ml_collections.ConfigDict()
+  config.model.variant = config_dict.placeholder(str)
+  config.model.width = config_dict.placeholder(int)
+  config.model.depth = config_dict.placeholder(int)
+  config.model.num_heads = config_dict.placeholder(int)
+  config.model.mlp_dim = config_dict.placeholder(int)
+  config.model.patch_size = config_dict.placeholder(int)
+  config.model.classifier = 'token'  # 'token' (class token) or 'gap'.
+  config.model.dropout = 0.0
+  config.model.attention_dropout = 0.0
+  config.model.dtype = 'float32'  # Compute dtype; 'bfloat16' on GPU/TPU.
+
+  # Mixture of experts. num_experts=0 gives a dense ViT.
+  config.model.moe = ml_collections.ConfigDict()
+  config.model.moe.num_experts = 0
+  config.model.moe.layers = 'every_2'  # 'all', 'every_N', 'last_N', 'none' or '1,3,5'.
+  config.model.moe.num_selected = 1  # K: 1 Switch, 2 V-MoE.
+  config.model.moe.capacity_factor = 1.25
+  config.model.moe.eval_capacity_factor = 2.0
+  config.model.moe.capacity_multiple = 1  # Round the capacity up to a multiple of this.
+  config.model.moe.batch_priority = False  # Batch Prioritized Routing.
+  config.model.moe.renormalize = False  # Divide the K combine weights by their sum.
+  config.model.moe.noise_std = 0.0  # Router noise std, in units of 1/num_experts.
+  config.model.moe.group_size = 0  # Images per routing group; 0: all images of a device.
+  config.model.moe.dispatch = 'indices'  # 'indices' or 'einsum' (reference).
+  config.model.moe.mlp_dim = config_dict.placeholder(int)  # Expert width; default model's.
+  config.model.moe.dropout = 0.0  # Dropout inside the expert MLPs.
+  config.model.moe.load_balance_weight = 0.01  # Switch load balancing loss.
+  config.model.moe.importance_weight = 0.0  # V-MoE importance loss.
+  config.model.moe.load_weight = 0.0  # V-MoE load loss (needs noise_std > 0).
+  config.model.moe.z_loss_weight = 0.0  # Router z-loss.
+
+  # Devices: a ('data', 'expert') mesh over all devices; the batch is split
+  # over both axes and the experts over 'expert'. expert=-1 takes the largest
+  # divisor of the device count that also divides num_experts.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.expert = -1
+
+  # Input.
+  config.input = ml_collections.ConfigDict()
+  config.input.dataset = 'digits'  # 'digits' (offline, scikit-learn) or a TFDS name.
+  config.input.data_dir = config_dict.placeholder(str)  # TFDS data_dir.
+  config.input.train_split = 'train'
+  config.input.test_split = 'test'
+  config.input.batch_size = 128  # Global batch, over all processes.
+  config.input.eval_batch_size = 256
+  config.input.shuffle_buffer = 10_000
+  config.input.image_size = config_dict.placeholder(int)  # TFDS: resize (random resized crop).
+  config.input.crop_padding = 4  # Random crop after padding by this many pixels.
+  config.input.flip = True  # Random horizontal flips.
+  config.input.num_eval_examples = -1  # Evaluate on the first N test examples; -1: all.
+
+  # Optimizer.
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = 'adafactor'  # 'adafactor', 'adamw' or 'sgd'.
+  config.optimizer.learning_rate = 1e-3  # Peak learning rate.
+  config.optimizer.beta1 = 0.9  # Momentum (Adafactor, AdamW, SGD).
+  config.optimizer.beta2 = 0.999  # AdamW only; Adafactor uses min(0.999, 1 - t^-0.8).
+  config.optimizer.weight_decay = 1e-4  # Decoupled, times the learning rate schedule.
+  config.optimizer.head_weight_decay = 1e-4  # For the head kernel.
+  config.optimizer.grad_clip_norm = 1.0  # Global norm; <= 0 disables.
+  config.optimizer.factored_min_dim = 128  # Adafactor factors 2-D slices at least this big.
+  config.optimizer.label_smoothing = 0.0
+
+  # Learning rate schedule: linear warmup -> decay -> linear cooldown to zero.
+  config.schedule = ml_collections.ConfigDict()
+  config.schedule.decay = 'rsqrt'  # 'rsqrt', 'constant', 'cosine' or 'linear'.
+  config.schedule.warmup_steps = 100
+  config.schedule.cooldown_steps = 0
+  config.schedule.timescale = 1000  # rsqrt: lr * sqrt(timescale / (step - warmup + timescale)).
+  config.schedule.end_value = 0.0  # cosine and linear decay reach this at the end.
+
+  # Training loop. `num_epochs` > 0 takes over from `num_steps`; warmup and
+  # cooldown may also be given in epochs (they then override the steps).
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 1000
+  config.train.num_epochs = 0.0
+  config.train.warmup_epochs = 0.0
+  config.train.cooldown_epochs = 0.0
+  config.train.grad_accum_steps = 1  # Micro-batches per step.
+  config.train.log_every = 50
+  config.train.eval_every = 500  # <= 0: evaluate only at the end.
+  config.train.checkpoint_every = 500  # <= 0: only the final checkpoint.
+  config.train.keep_checkpoints = 3
+  config.train.on_nonfinite = 'stop'  # 'stop' or 'skip' the step.
+
+  # Profiling: trace steps [start, start + num_steps) with jax.profiler.
+  config.profile = ml_collections.ConfigDict()
+  config.profile.start_step = -1  # -1: no profile.
+  config.profile.num_steps = 5
+
+  config.lock()
+  return config
+
+
+# Paper defaults of the two MoE families (DESIGN.md, "MoE semantics").
+MOE_PRESETS = {
+  # Fedus et al. 2021: top-1, capacity 1.25 train / 2.0 eval, load balancing 0.01.
+  'switch': dict(
+    num_selected=1,
+    capacity_factor=1.25,
+    eval_capacity_factor=2.0,
+    batch_priority=False,
+    noise_std=0.0,
+    load_balance_weight=0.01,
+    importance_weight=0.0,
+    load_weight=0.0,
+  ),
+  # Riquelme et al. 2021: top-2, capacity 1.05, BPR, noise 1/E, importance
+  # and load losses 0.005 each, MoE in every other block.
+  'vmoe': dict(
+    num_selected=2,
+    capacity_factor=1.05,
+    eval_capacity_factor=1.05,
+    batch_priority=True,
+    noise_std=1.0,
+    load_balance_weight=0.0,
+    importance_weight=0.005,
+    load_weight=0.005,
+    layers='every_2',
+  ),
+}
+
+
+def apply_moe_preset(config: ml_collections.ConfigDict, preset: str) -> None:
+  """Sets config.model.moe to the paper defaults of 'switch' or 'vmoe'."""
+  if preset not in MOE_PRESETS:
+    raise UserError(f'MoE preset {preset!r} is unknown; use one of {sorted(MOE_PRESETS)}.')
+  config.model.moe.update(MOE_PRESETS[preset])
+
+
+def _flatten(config: ml_collections.ConfigDict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in config.items():
+    path = f'{prefix}{key}'
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_flatten(value, path + '.'))
+    else:
+      out[path] = value
+  return out
+
+
+def all_keys() -> list[str]:
+  """Every dotted key path of the schema, e.g. 'model.moe.num_experts'."""
+  return list(_flatten(get_config()))
+
+
+def unknown_key_message(path: str, known: list[str]) -> str:
+  """'unknown config key ... (did you mean ...?)' for a dotted key path."""
+  close = difflib.get_close_matches(path, known, n=1)
+  hint = f" (did you mean '{close[0]}'?)" if close else ''
+  return f"unknown config key '{path}'{hint}; see vmoe_jax/config_defaults.py for all keys."
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises UserError naming the first key of `config` that the schema lacks."""
+  known = _flatten(get_config())
+  for path in _flatten(config):
+    if path not in known:
+      raise UserError(unknown_key_message(path, list(known)))

@@ -1,0 +1,150 @@
+"""Loading a trained model for inference from user code.
+
+  from vmoe_jax import inference
+  model = inference.load('/tmp/digits_switch')        # latest checkpoint
+  logits = model.logits(images)                       # (N, H, W, C) in [-1, 1]
+  labels = model.predict(images)
+  features = model.features(images)                   # pre-logits, (N, D)
+
+`load` rebuilds the model from `workdir/config.json` and `workdir/dataset.json`
+and restores the checkpoint onto a mesh of the devices you give it (all by
+default), whatever mesh wrote it. Images are expected as the input pipelines
+produce them: float32 in [-1, 1] (`input_pipeline.normalize_*`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from vmoe_jax import checkpointing
+from vmoe_jax import optim
+from vmoe_jax import schedules
+from vmoe_jax import sharding
+from vmoe_jax import train
+from vmoe_jax.errors import UserError
+
+
+@dataclasses.dataclass
+class TrainedModel:
+  """A restored model, its params placed on `mesh`, with batched apply functions."""
+
+  config: ml_collections.ConfigDict
+  model: Any
+  params: Any
+  mesh: Mesh
+  step: int
+  num_classes: int
+  image_shape: tuple[int, ...]
+
+  @functools.cached_property
+  def _apply(self):
+    return jax.jit(lambda params, images: self.model.apply({'params': params}, images, train=False))
+
+  def apply(self, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, dict]:
+    """Logits (N, classes) and pre-logits (N, D) for images (N, H, W, C), in batches.
+
+    The last batch is padded to a multiple of the device count; with MoE
+    layers, routing groups form within a batch, as in evaluation.
+    """
+    images = np.asarray(images, np.float32)
+    devices = self.mesh.size
+    step = max(devices, batch_size - batch_size % devices)  # Images per call.
+    logits, features = [], []
+    for start in range(0, len(images), step):
+      chunk = images[start : start + step]
+      size = len(chunk)
+      multiple = devices * max(1, self.config.model.moe.group_size)
+      padded = -(-size // multiple) * multiple
+      if padded != size:
+        chunk = np.concatenate([chunk, np.zeros((padded - size, *chunk.shape[1:]), chunk.dtype)])
+      batch = jax.device_put(chunk, sharding.batch_sharding(self.mesh))
+      out, extras = self._apply(self.params, batch)
+      logits.append(np.asarray(out)[:size])
+      features.append(np.asarray(extras['pre_logits'])[:size])
+    return np.concatenate(logits), {'pre_logits': np.concatenate(features)}
+
+  def logits(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    return self.apply(images, batch_size)[0]
+
+  def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    return np.argmax(self.logits(images, batch_size), axis=-1)
+
+  def features(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    return self.apply(images, batch_size)[1]['pre_logits']
+
+
+def restore_state(
+  workdir: str, config, mesh: Mesh, num_classes: int, image_shape, step: int | None = None, **model
+):
+  """(model, state, step): the TrainState of checkpoint `step` (default: latest) on `mesh`."""
+  model_def = train.create_model(config, num_classes, mesh, **model)
+  schedule = schedules.create_learning_rate_schedule(
+    peak_value=config.optimizer.learning_rate, total_steps=1
+  )
+
+  def tx_fn(params, mask):
+    return optim.create_optimizer(config, schedule, params, mask)
+
+  _, _, abstract_state, _ = train.create_train_state(config, model_def, tx_fn, mesh, image_shape)
+  manager = checkpointing.create_manager(workdir, keep=0, async_save=False, create=False)
+  if step is None:
+    step = manager.latest_step()
+    if step is None:
+      raise UserError(f'{workdir} has no checkpoint; train first or check --workdir.')
+  elif step not in manager.all_steps():
+    raise UserError(f'{workdir} has no checkpoint {step}; it has {sorted(manager.all_steps())}.')
+  state, _ = checkpointing.restore(manager, step, abstract_state)
+  manager.close()
+  return model_def, state, step
+
+
+def load(
+  workdir: str,
+  step: int | None = None,
+  devices=None,
+  expert: int = -1,
+  eval_capacity_factor: float | None = None,
+  batch_priority: bool | None = None,
+) -> TrainedModel:
+  """Restores a trained model from `workdir` for inference.
+
+  Args:
+    workdir: the --workdir of a training run.
+    step: checkpoint to load; default the latest.
+    devices: devices of the inference mesh; default all.
+    expert: size of the expert mesh axis (-1: the largest that fits).
+    eval_capacity_factor, batch_priority: override the routing of MoE layers
+      at inference (e.g. a lower capacity with BPR to save compute).
+  """
+  workdir = os.path.abspath(workdir)
+  config = ml_collections.ConfigDict(checkpointing.read_config(workdir))
+  if eval_capacity_factor is not None:
+    config.model.moe.eval_capacity_factor = eval_capacity_factor
+  if batch_priority is not None:
+    config.model.moe.batch_priority = batch_priority
+  info = checkpointing.read_dataset_info(workdir)
+  mesh = sharding.create_mesh(expert, config.model.moe.num_experts, devices)
+  image_shape = tuple(info['image_shape'])
+  model, state, step = restore_state(workdir, config, mesh, info['num_classes'], image_shape, step)
+  return TrainedModel(
+    config=config,
+    model=model,
+    params=state.params,
+    mesh=mesh,
+    step=int(step),
+    num_classes=info['num_classes'],
+    image_shape=image_shape,
+  )
+
+
+def accuracy(trained: TrainedModel, images: np.ndarray, labels: np.ndarray, **kwargs) -> float:
+  return float(jnp.mean(trained.predict(images, **kwargs) == labels))

@@ -1,0 +1,76 @@
+"""Command line entry point; kept short on purpose.
+
+  python -m vmoe_jax.main --config=configs/digits_switch.py --workdir=/tmp/run \
+      [--config.model.moe.num_experts=16 ...]
+
+Parses flags, joins a multi-process run when the environment describes one,
+and calls `train.train_and_evaluate(config, workdir)`. Problems the user can
+fix (bad config keys or values, missing data, unreadable checkpoints) are
+printed as one line, exit status 2.
+"""
+
+import logging
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from vmoe_jax import config_defaults
+from vmoe_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Path to a config file.', lock_config=True
+)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _config_error(argv: list[str], error: Exception) -> str:
+  """One line for a failed --config / --config.key=value flag."""
+  for arg in argv:
+    if arg.startswith('--config.'):
+      path = arg[len('--config.') :].split('=', 1)[0]
+      known = config_defaults.all_keys()
+      if path not in known:
+        return config_defaults.unknown_key_message(path, known)
+  return f'bad --config flag: {str(error).strip().splitlines()[-1][:300]}'
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(_config_error(argv, e))
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    _fail(f'unexpected arguments {argv[1:]}; options look like --config.a.b=value.')
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    _fail('both --config=configs/<name>.py and --workdir=DIR are needed.')
+  config_file = config_flags.get_config_filename(flags.FLAGS['config']).split(':')[0]
+  if not os.path.exists(config_file):
+    _fail(f'config file {config_file!r} does not exist; pass --config=configs/<name>.py.')
+  config = _CONFIG.value
+  # Our progress at INFO; libraries (orbax, jax) at WARNING.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger('vmoe_jax').setLevel(logging.INFO)
+  from vmoe_jax import distributed  # pylint: disable=g-import-not-at-top
+  from vmoe_jax import train  # pylint: disable=g-import-not-at-top
+
+  try:
+    distributed.initialize_from_env()
+    train.train_and_evaluate(config, _WORKDIR.value)
+  except UserError as e:
+    _fail(str(e))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,215 @@
+"""Vision Transformer with optional sparse MoE MLPs (ViT, Switch-ViT, V-MoE).
+
+Axis letters: B images, H x W pixels, T tokens per image, D width.
+
+Size names like "S/16" ("variant/patch") are decoded in one place,
+`decode_variant`; explicit width/depth/num_heads/mlp_dim override them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from vmoe_jax.errors import UserError
+from vmoe_jax.moe import layer as moe_layer
+
+# Width, depth, heads, MLP width (Dosovitskiy et al. 2021; Ti and S from
+# Touvron et al. 2021; "M" as in big_vision).
+VARIANTS = {
+  'Ti': dict(width=192, depth=12, num_heads=3, mlp_dim=768),
+  'S': dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
+  'M': dict(width=512, depth=12, num_heads=8, mlp_dim=2048),
+  'B': dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+  'L': dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+  'H': dict(width=1280, depth=32, num_heads=16, mlp_dim=5120),
+}
+
+# Names of the auxiliary losses of MoE layers and the config key of their weight.
+AUX_LOSS_WEIGHTS = {
+  'load_balancing_loss': 'load_balance_weight',
+  'importance_loss': 'importance_weight',
+  'load_loss': 'load_weight',
+  'z_loss': 'z_loss_weight',
+}
+
+
+def decode_variant(variant: str) -> dict[str, int]:
+  """'S/16' -> dict(width=384, depth=12, num_heads=6, mlp_dim=1536, patch_size=16)."""
+  match = re.fullmatch(r'([A-Za-z]+)/(\d+)', variant or '')
+  if not match or match.group(1) not in VARIANTS:
+    raise UserError(
+      f'model variant {variant!r} is unknown; use NAME/PATCH with NAME in {list(VARIANTS)}, '
+      "e.g. 'S/16'."
+    )
+  return dict(VARIANTS[match.group(1)], patch_size=int(match.group(2)))
+
+
+def moe_layer_indices(spec: str | int | tuple | list, depth: int) -> tuple[int, ...]:
+  """Which blocks hold an MoE MLP (0-based).
+
+  'none' -> (); 'all' -> every block; 'every_2' -> blocks 1, 3, 5, ... (every
+  other block, ending with the last one when depth is even, as in V-MoE);
+  'last_3' -> the last 3 blocks; '0,5,11' or a tuple -> those blocks.
+  """
+  if isinstance(spec, int):
+    spec = (spec,)
+  if isinstance(spec, (tuple, list)):
+    indices = tuple(int(i) for i in spec)
+  elif spec in ('none', ''):
+    indices = ()
+  elif spec == 'all':
+    indices = tuple(range(depth))
+  elif m := re.fullmatch(r'every_(\d+)', spec):
+    step = int(m.group(1))
+    indices = tuple(range(step - 1, depth, step)) if step > 0 else ()
+  elif m := re.fullmatch(r'last_(\d+)', spec):
+    indices = tuple(range(max(0, depth - int(m.group(1))), depth))
+  elif re.fullmatch(r'\d+(,\d+)*', spec):
+    indices = tuple(int(i) for i in spec.split(','))
+  else:
+    raise UserError(
+      f"moe layers {spec!r} not understood; use 'all', 'every_N', 'last_N', 'none' or a "
+      "comma-separated list of block indices such as '1,3,5'."
+    )
+  if any(not 0 <= i < depth for i in indices):
+    raise UserError(f'moe layers {indices} fall outside the {depth} blocks (0..{depth - 1}).')
+  return tuple(sorted(set(indices)))
+
+
+class MlpBlock(nn.Module):
+  """Dense MLP: (B, T, D) -> (B, T, D)."""
+
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    width = x.shape[-1]
+    init = dict(
+      kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.normal(stddev=1e-6)
+    )
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, **init)(x)
+    x = nn.gelu(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    return nn.Dense(width, dtype=self.dtype, **init)(x)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LayerNorm Transformer block; the MLP is an MoE when `moe` is set."""
+
+  num_heads: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+  moe: Mapping[str, Any] | None = None
+  mesh: Mesh | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool) -> tuple[jax.Array, dict | None]:
+    y = nn.LayerNorm(dtype=self.dtype, name='norm_attention')(x)
+    y = nn.MultiHeadDotProductAttention(
+      num_heads=self.num_heads,
+      dtype=self.dtype,
+      kernel_init=nn.initializers.xavier_uniform(),
+      dropout_rate=self.attention_dropout_rate,
+      deterministic=deterministic,
+      name='attention',
+    )(y, y)
+    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = nn.LayerNorm(dtype=self.dtype, name='norm_mlp')(x)
+    metrics = None
+    if self.moe is not None:
+      y, metrics = moe_layer.MoeMlp(
+        mlp_dim=self.mlp_dim, dtype=self.dtype, mesh=self.mesh, name='moe', **self.moe
+      )(y, deterministic=deterministic)
+    else:
+      y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name='mlp')(
+        y, deterministic=deterministic
+      )
+    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    return x, metrics
+
+
+class ViT(nn.Module):
+  """ViT classifier: images (B, H, W, C) -> logits (B, classes) float32, extras.
+
+  `extras` holds 'pre_logits' (B, D), 'auxiliary_loss' (the weighted sum of
+  every MoE layer's auxiliary losses, float32) and 'moe', a dict from block
+  index to that layer's metrics.
+  """
+
+  num_classes: int
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  classifier: str = 'token'
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+  moe: Mapping[str, Any] | None = None  # MoeMlp attributes (see config.model.moe).
+  moe_layers: tuple[int, ...] = ()
+  aux_loss_weights: Mapping[str, float] | None = None
+  mesh: Mesh | None = None
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool) -> tuple[jax.Array, dict]:
+    if self.classifier not in ('token', 'gap'):
+      raise UserError(f"classifier={self.classifier!r} is unknown; use 'token' or 'gap'.")
+    deterministic = not train
+    x = nn.Conv(
+      self.width,
+      (self.patch_size, self.patch_size),
+      strides=(self.patch_size, self.patch_size),
+      padding='VALID',
+      dtype=self.dtype,
+      name='embedding',
+    )(images.astype(self.dtype))
+    batch, rows, cols, width = x.shape
+    x = x.reshape(batch, rows * cols, width)
+    if self.classifier == 'token':
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, width))
+      x = jnp.concatenate([jnp.tile(cls.astype(self.dtype), (batch, 1, 1)), x], axis=1)
+    pos = self.param('pos_embedding', nn.initializers.normal(stddev=0.02), (1, *x.shape[1:]))
+    x = x + pos.astype(self.dtype)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+    moe_metrics = {}
+    for i in range(self.depth):
+      x, metrics = EncoderBlock(
+        num_heads=self.num_heads,
+        mlp_dim=self.mlp_dim,
+        dropout_rate=self.dropout_rate,
+        attention_dropout_rate=self.attention_dropout_rate,
+        dtype=self.dtype,
+        moe=self.moe if i in self.moe_layers else None,
+        mesh=self.mesh,
+        name=f'block_{i:02d}',
+      )(x, deterministic=deterministic)
+      if metrics is not None:
+        moe_metrics[i] = metrics
+    x = nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
+    pre_logits = x[:, 0] if self.classifier == 'token' else jnp.mean(x, axis=1)
+    pre_logits = pre_logits.astype(jnp.float32)
+    logits = nn.Dense(
+      self.num_classes, kernel_init=nn.initializers.zeros, dtype=jnp.float32, name='head'
+    )(pre_logits)
+
+    weights = self.aux_loss_weights or {}
+    auxiliary_loss = jnp.zeros((), jnp.float32)
+    for metrics in moe_metrics.values():
+      for loss_name, weight_name in AUX_LOSS_WEIGHTS.items():
+        if weights.get(weight_name, 0.0):
+          auxiliary_loss += weights[weight_name] * metrics[loss_name]
+    extras = {'pre_logits': pre_logits, 'auxiliary_loss': auxiliary_loss, 'moe': moe_metrics}
+    return logits, extras
