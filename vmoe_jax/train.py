@@ -338,8 +338,10 @@ def _check_batch(config, mesh) -> None:
   group = config.model.moe.group_size
   if config.model.moe.num_experts > 0 and group > 0:
     micro = config.input.batch_size // accum
-    for what, size in (('batch_size / grad_accum_steps', micro),
-                       ('eval_batch_size', config.input.eval_batch_size)):
+    for what, size in (
+      ('batch_size / grad_accum_steps', micro),
+      ('eval_batch_size', config.input.eval_batch_size),
+    ):
       if (size // num_devices) % group:
         raise UserError(
           f'model.moe.group_size={group} images does not divide the {size // num_devices} images '

@@ -83,8 +83,9 @@ def moe_forward(x, params, noise, dropout_key, *, cfg: RoutingConfig, mesh_axes:
       of the mesh axes (the function then runs inside shard_map).
 
   Returns:
-    y: (B_l, T, D) and a dict of float32 metrics (scalars and (E,) vectors),
-    averaged over all devices.
+    y: (B_l, T, D); a dict of float32 metrics (scalars and (E,) vectors),
+    averaged over all devices; and the `Routing` of every token, (B_l, T, K)
+    arrays (slots count within the token's group).
   """
   batch, tokens, width = x.shape
   num_experts = cfg.num_experts
@@ -132,7 +133,9 @@ def moe_forward(x, params, noise, dropout_key, *, cfg: RoutingConfig, mesh_axes:
   metrics = _metrics(logits, noisy_logits, gates, routing, cfg)
   if mesh_axes:
     metrics = jax.lax.pmean(metrics, BATCH_AXES)
-  return y, metrics
+  # Per-token routing, back in image layout: (B_l, T, K) each.
+  per_token = routing_lib.Routing(*(a.reshape(batch, tokens, -1) for a in routing))
+  return y, metrics, per_token
 
 
 def _metrics(logits, noisy_logits, gates, routing, cfg: RoutingConfig) -> dict[str, jax.Array]:
@@ -252,8 +255,14 @@ class MoeMlp(nn.Module):
     )
     x = x.astype(self.dtype)
     if self.mesh is None:
-      return moe_forward(x, params, noise, dropout_key, cfg=cfg, mesh_axes=None)
-    return _sharded_forward(x, params, noise, dropout_key, cfg=cfg, mesh=self.mesh)
+      y, metrics, per_token = moe_forward(x, params, noise, dropout_key, cfg=cfg, mesh_axes=None)
+    else:
+      y, metrics, per_token = _sharded_forward(
+        x, params, noise, dropout_key, cfg=cfg, mesh=self.mesh
+      )
+    # Kept for analysis (routing maps): apply(..., mutable=['intermediates']).
+    self.sow('intermediates', 'routing', per_token)
+    return y, metrics
 
 
 def _sharded_forward(x, params, noise, dropout_key, *, cfg: RoutingConfig, mesh: Mesh):
@@ -291,6 +300,6 @@ def _sharded_forward(x, params, noise, dropout_key, *, cfg: RoutingConfig, mesh:
     return moe_forward(x_l, params_l, noise_l, key_l, cfg=cfg, mesh_axes=mesh_axes)
 
   mapped = jax.shard_map(
-    local, mesh=mesh, in_specs=tuple(specs), out_specs=(batch_spec, P()), check_vma=True
+    local, mesh=mesh, in_specs=tuple(specs), out_specs=(batch_spec, P(), batch_spec), check_vma=True
   )
   return mapped(*args)

@@ -1,0 +1,36 @@
+"""Analytic FLOP counts against hand-worked numbers."""
+
+import pytest
+
+from vmoe_jax import flops
+from vmoe_jax.models import vit
+
+
+def small(**kwargs):
+  return vit.ViT(num_classes=10, patch_size=4, width=8, depth=2, num_heads=2, mlp_dim=16, **kwargs)
+
+
+def test_dense_vit_flops_by_hand():
+  # 16x16x3 images, patch 4: 16 patches + class token = 17 tokens, D=8, H=16.
+  f = flops.forward_flops(small(), (16, 16, 3))
+  assert f['embedding'] == 2 * 16 * (4 * 4 * 3) * 8
+  assert f['attention'] == 2 * (2 * 4 * 17 * 8 * 8 + 2 * 2 * 17 * 17 * 8)
+  assert f['mlp'] == 2 * (2 * 2 * 17 * 8 * 16)
+  assert f['head'] == 2 * 8 * 10
+  assert f['total'] == sum(v for k, v in f.items() if k != 'total')
+
+
+def test_moe_active_and_buffer_flops():
+  model = small(moe=dict(num_experts=4, num_selected=2), moe_layers=(1,))
+  dense = flops.forward_flops(small(), (16, 16, 3))
+  f = flops.forward_flops(model, (16, 16, 3))
+  # One dense MLP left; the MoE block runs each token through K=2 experts.
+  assert f['mlp'] == dense['mlp'] / 2
+  assert f['experts'] == 2 * 17 * (2 * 2 * 8 * 16)
+  assert f['router'] == 2 * 17 * 8 * 4
+  # Buffers: 2 images per group = 34 tokens, C = ceil(2 * 34 * 1.0 / 4) = 17 slots.
+  b = flops.forward_flops(model, (16, 16, 3), capacity_factor=1.0, images_per_group=2)
+  assert b['experts'] == 4 * 17 * (2 * 2 * 8 * 16) / 2
+  with pytest.raises(ValueError):
+    flops.forward_flops(model, (16, 16, 3), capacity_factor=1.0)
+  assert flops.expert_flops_per_image(model, 3.0) == 3 * 2 * 2 * 8 * 16
