@@ -31,6 +31,9 @@ def test_two_steps_end_to_end_on_8_devices(tmp_path):
   assert os.listdir(tmp_path / 'tensorboard')
   with open(tmp_path / 'results.json') as f:
     assert json.load(f)['test/accuracy'] == results['test/accuracy']
+  table = (tmp_path / 'results.md').read_text().splitlines()
+  assert table[0].startswith('| model | experts | parameters | test accuracy')
+  assert table[2].startswith('| Switch-ViT 16/2x2/32 p4, K=1 every_2 | 8 |')
 
 
 def test_resume_continues_from_the_checkpoint(tmp_path):

@@ -154,11 +154,19 @@ class Progress:
     self._last_time = time.perf_counter()
     self.start_time = self._last_time
     self.start_step = start_step
+    self._intervals: list[float] = []  # Seconds per step of each report interval.
+
+  def median_step_seconds(self) -> float | None:
+    """Median seconds per step over report intervals, the first (compilation) excluded."""
+    intervals = self._intervals[1:] or self._intervals
+    return float(np.median(intervals)) if intervals else None
 
   def report(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
     steps = step - self._last_step
     elapsed = max(now - self._last_time, 1e-9)
+    if steps > 0:
+      self._intervals.append(elapsed / steps)
     self._last_step, self._last_time = step, now
     steps_per_sec = steps / elapsed
     eta = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else float('inf')
