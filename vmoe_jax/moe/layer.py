@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 from typing import NamedTuple
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -57,8 +58,50 @@ class RoutingConfig(NamedTuple):
   dtype: Any
 
 
-def _expert_mlp(buffers, params, dropout_key, rate, dtype):
-  """Runs each expert on its buffer: (E_l, M, D) -> (E_l, M, D)."""
+def route_groups(xg, router, noise, cfg: RoutingConfig):
+  """Router and routing of groups: (G, S, D) -> logits, noisy logits, gates, Routing, C.
+
+  The router runs in float32 whatever the model dtype.
+  """
+  num_groups, group_tokens, _ = xg.shape
+  logits = jnp.einsum('gsd,de->gse', xg.astype(jnp.float32), router.astype(jnp.float32))
+  noisy_logits = logits if noise is None else logits + noise.reshape(logits.shape)
+  gates = jax.nn.softmax(noisy_logits, axis=-1)
+  capacity = routing_lib.compute_capacity(
+    group_tokens, cfg.num_experts, cfg.num_selected, cfg.capacity_factor, cfg.capacity_multiple
+  )
+  routing = routing_lib.route(
+    gates,
+    num_selected=cfg.num_selected,
+    capacity=capacity,
+    batch_priority=cfg.batch_priority,
+    renormalize=cfg.renormalize,
+  )
+  return logits, noisy_logits, gates, routing, capacity
+
+
+def dispatch_to_buffers(xg, routing, cfg: RoutingConfig, capacity: int):
+  """Tokens into expert buffers, experts first: (G, S, D) -> (E, G*C, D)."""
+  dispatch_fn, _ = dispatch_lib.DISPATCHERS[cfg.dispatch]
+  buffers = dispatch_fn(xg, routing, cfg.num_experts, capacity)  # (G, E, C, D)
+  return einops.rearrange(buffers, 'g e c d -> e (g c) d')
+
+
+def exchange(buffers, num_shards: int, to_experts: bool):
+  """all_to_all over the expert axis.
+
+  to_experts: (E, M, D) -> (E/n, n*M, D), every device receives the buffers of
+  its own experts from the n devices of its expert group; else the inverse.
+  """
+  if num_shards == 1:
+    return buffers
+  if to_experts:
+    return jax.lax.all_to_all(buffers, EXPERT_AXIS, 0, 1, tiled=True)
+  return jax.lax.all_to_all(buffers, EXPERT_AXIS, 1, 0, tiled=True)
+
+
+def expert_mlp(buffers, params, dropout_key, rate, dtype):
+  """Runs each expert on its buffer: (E_l, M, D) -> (E_l, M, D), matmuls in `dtype`."""
   wi = params['wi'].astype(dtype)
   wo = params['wo'].astype(dtype)
   h = jnp.einsum('emd,edh->emh', buffers, wi) + params['bi'][:, None, :].astype(dtype)
@@ -67,6 +110,25 @@ def _expert_mlp(buffers, params, dropout_key, rate, dtype):
     keep = jax.random.bernoulli(dropout_key, 1.0 - rate, h.shape)
     h = jnp.where(keep, h / (1.0 - rate), 0).astype(dtype)
   return jnp.einsum('emh,ehd->emd', h, wo) + params['bo'][:, None, :].astype(dtype)
+
+
+def combine_from_buffers(out, routing, cfg: RoutingConfig, num_groups: int):
+  """Expert outputs back to tokens: (E, G*C, D) -> (G, S, D)."""
+  _, combine_fn = dispatch_lib.DISPATCHERS[cfg.dispatch]
+  out = einops.rearrange(out, 'e (g c) d -> g e c d', g=num_groups)
+  return combine_fn(out, routing)
+
+
+def group_tokens(x, group_size: int):
+  """(B_l, T, D) -> (G, N*T, D) with N = group_size images (0: all B_l)."""
+  batch, tokens, width = x.shape
+  images_per_group = group_size or batch
+  if batch % images_per_group:
+    raise UserError(
+      f'group_size={group_size} images does not divide the {batch} images of a device; '
+      'set --config.model.moe.group_size to a divisor of the per-device batch.'
+    )
+  return x.reshape(batch // images_per_group, images_per_group * tokens, width)
 
 
 def moe_forward(x, params, noise, dropout_key, *, cfg: RoutingConfig, mesh_axes: dict | None):
@@ -86,49 +148,30 @@ def moe_forward(x, params, noise, dropout_key, *, cfg: RoutingConfig, mesh_axes:
     y: (B_l, T, D); a dict of float32 metrics (scalars and (E,) vectors),
     averaged over all devices; and the `Routing` of every token, (B_l, T, K)
     arrays (slots count within the token's group).
+
+  The phases carry named scopes (moe_route, moe_dispatch, moe_all_to_all,
+  moe_experts, moe_combine) that show up in profiles.
   """
   batch, tokens, width = x.shape
-  num_experts = cfg.num_experts
-  images_per_group = cfg.group_size or batch
-  if batch % images_per_group:
-    raise UserError(
-      f'group_size={cfg.group_size} images does not divide the {batch} images of a device; '
-      'set --config.model.moe.group_size to a divisor of the per-device batch.'
-    )
-  num_groups = batch // images_per_group
-  group_tokens = images_per_group * tokens
-  xg = x.reshape(num_groups, group_tokens, width)
-
-  # Router in float32 whatever the model dtype.
-  logits = jnp.einsum('gsd,de->gse', xg.astype(jnp.float32), params['router'].astype(jnp.float32))
-  noisy_logits = logits if noise is None else logits + noise.reshape(logits.shape)
-  gates = jax.nn.softmax(noisy_logits, axis=-1)
-  capacity = routing_lib.compute_capacity(
-    group_tokens, num_experts, cfg.num_selected, cfg.capacity_factor, cfg.capacity_multiple
-  )
-  routing = routing_lib.route(
-    gates,
-    num_selected=cfg.num_selected,
-    capacity=capacity,
-    batch_priority=cfg.batch_priority,
-    renormalize=cfg.renormalize,
-  )
-
-  # Dispatch, expert MLPs, combine.
-  dispatch_fn, combine_fn = dispatch_lib.DISPATCHERS[cfg.dispatch]
-  buffers = dispatch_fn(xg, routing, num_experts, capacity)  # (G, E, C, D)
-  buffers = buffers.transpose(1, 0, 2, 3).reshape(num_experts, num_groups * capacity, width)
+  xg = group_tokens(x, cfg.group_size)
+  num_groups = xg.shape[0]
   num_shards = mesh_axes[EXPERT_AXIS] if mesh_axes else 1
-  if num_shards > 1:
-    buffers = jax.lax.all_to_all(buffers, EXPERT_AXIS, 0, 1, tiled=True)  # (E/n, n*G*C, D)
+  with jax.named_scope('moe_route'):
+    logits, noisy_logits, gates, routing, capacity = route_groups(xg, params['router'], noise, cfg)
+  with jax.named_scope('moe_dispatch'):
+    buffers = dispatch_to_buffers(xg, routing, cfg, capacity)  # (E, G*C, D)
+  with jax.named_scope('moe_all_to_all'):
+    buffers = exchange(buffers, num_shards, to_experts=True)  # (E/n, n*G*C, D)
   if dropout_key is not None and mesh_axes:
     device = jax.lax.axis_index(DATA_AXIS) * num_shards + jax.lax.axis_index(EXPERT_AXIS)
     dropout_key = jax.random.fold_in(dropout_key, device)
-  out = _expert_mlp(buffers, params, dropout_key, cfg.dropout_rate, cfg.dtype)
-  if num_shards > 1:
-    out = jax.lax.all_to_all(out, EXPERT_AXIS, 1, 0, tiled=True)  # (E, G*C, D)
-  out = out.reshape(num_experts, num_groups, capacity, width).transpose(1, 0, 2, 3)
-  y = combine_fn(out, routing).reshape(batch, tokens, width).astype(x.dtype)
+  with jax.named_scope('moe_experts'):
+    out = expert_mlp(buffers, params, dropout_key, cfg.dropout_rate, cfg.dtype)
+  with jax.named_scope('moe_all_to_all'):
+    out = exchange(out, num_shards, to_experts=False)  # (E, G*C, D)
+  with jax.named_scope('moe_combine'):
+    y = combine_from_buffers(out, routing, cfg, num_groups)
+    y = y.reshape(batch, tokens, width).astype(x.dtype)
 
   metrics = _metrics(logits, noisy_logits, gates, routing, cfg)
   if mesh_axes:
