@@ -34,24 +34,26 @@ def run(tx, params, grads_list):
 
 
 def test_adafactor_two_hand_worked_steps():
-  # One unfactored scalar, g = 2 each step, lr 0.1, beta1 0.9.
-  # Step 1: beta2 = min(0.999, 1 - 1^-0.8) = 0 -> v = 4, u = 1; m = 0.1 -> p = 1 - 0.01.
-  # Step 2: beta2 = 1 - 2^-0.8; v = 4, u = 1; m = 0.9 * bf16(0.1) + 0.1 -> p -= 0.1 * m.
+  # One unfactored scalar, g = 2 each step, lr 0.1, beta1 0.9; the update uses
+  # the momentum as stored, in bfloat16.
+  # Step 1: beta2 = min(0.999, 1 - 1^-0.8) = 0 -> v = 4, u = 1; m = bf16(0.1).
+  # Step 2: beta2 = 1 - 2^-0.8; v = 4, u = 1; m = bf16(0.9 * m1 + 0.1).
   tx = optim.create_optimizer(make('adafactor'), constant(0.1), {'w': jnp.ones(())})
   params = {'w': jnp.array(1.0)}
   p1, state = run(tx, params, [{'w': jnp.array(2.0)}])
-  np.testing.assert_allclose(p1['w'], 0.99, rtol=1e-6)
+  m1 = float(jnp.bfloat16(0.1))
+  np.testing.assert_allclose(p1['w'], 1 - 0.1 * m1, rtol=1e-6)
   p2, _ = run(tx, params, [{'w': jnp.array(2.0)}] * 2)
-  m2 = 0.9 * float(jnp.bfloat16(0.1)) + 0.1
-  np.testing.assert_allclose(p2['w'], 0.99 - 0.1 * m2, rtol=1e-6)
-  # The momentum is kept in bfloat16.
-  assert any(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state))
+  m2 = float(jnp.bfloat16(0.9 * m1 + 0.1))
+  np.testing.assert_allclose(p2['w'], 1 - 0.1 * m1 - 0.1 * m2, rtol=1e-6)
+  assert state.momentum['w'].dtype == jnp.bfloat16
 
 
 def test_adafactor_beta2_schedule():
   # With g = 1 then g = 3, the second moment after step 2 is
   # beta2 * 1 + (1 - beta2) * 9 with beta2 = 1 - 2^-0.8.
-  tx = optim.scale_by_factored_rms()
+  # learning rate -1 and no momentum: the update is the direction g / sqrt(v).
+  tx = optim.adafactor(lambda t: -1.0, beta1=0.0)
   params = {'w': jnp.zeros(())}
   state = tx.init(params)
   _, state = tx.update({'w': jnp.array(1.0)}, state)
@@ -69,7 +71,7 @@ def test_factored_second_moment_is_exact_for_rank_one_gradients():
   a = jnp.arange(1.0, 129.0)
   b = jnp.linspace(0.5, 2.0, 160)
   grads = {'kernel': jnp.outer(a, b)}
-  tx = optim.scale_by_factored_rms(min_dim=128)
+  tx = optim.adafactor(lambda t: -1.0, beta1=0.0, min_dim=128)
   state = tx.init(grads)
   assert state.v_row['kernel'].shape == (128,) and state.v_col['kernel'].shape == (160,)
   assert state.v['kernel'].shape == (1,)  # No full second moment.
@@ -85,7 +87,7 @@ def test_expert_axis_is_never_factored():
     'small': jnp.zeros((300, 12, 25)),
   }
   mask = {'wi': True, 'bi': True, 'dense': False, 'small': False}
-  state = optim.scale_by_factored_rms(mask, min_dim=128).init(params)
+  state = optim.adafactor(lambda t: 1.0, expert_mask=mask, min_dim=128).init(params)
   assert state.v_row['wi'].shape == (4, 128) and state.v_col['wi'].shape == (4, 256)
   assert state.v['bi'].shape == (4, 256)  # (E, H): experts axis kept, nothing to factor.
   assert state.v_row['dense'].shape == (256,) and state.v_col['dense'].shape == (128,)
@@ -109,6 +111,21 @@ def test_adamw_and_decoupled_weight_decay():
   np.testing.assert_allclose(new['body']['kernel'], 1 - 0.1 - 0.01, rtol=1e-5)
   np.testing.assert_allclose(new['head']['kernel'], 1 - 0.1 - 0.5, rtol=1e-5)
   np.testing.assert_allclose(new['body']['bias'], 1 - 0.1, rtol=1e-5)  # No decay on biases.
+
+
+def test_adafactor_clipping_scales_like_clipped_gradients():
+  # Clipping inside the fused Adafactor equals clipping the gradients first.
+  params = {'a': jnp.ones((130, 140)), 'b': jnp.ones((3,))}
+  grads = {'a': jnp.linspace(-3, 5, 130 * 140).reshape(130, 140), 'b': jnp.array([4.0, -2, 1])}
+  norm = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads))))
+  clipped = jax.tree.map(lambda g: g * (1.0 / norm), grads)
+  # (No momentum: its bfloat16 rounding would hide float32-level agreement.)
+  with_clip = optim.adafactor(lambda t: 0.1, beta1=0.0, clip_norm=1.0, min_dim=128)
+  without = optim.adafactor(lambda t: 0.1, beta1=0.0, min_dim=128)
+  p1, s1 = run(with_clip, params, [grads, grads])
+  p2, s2 = run(without, params, [clipped, clipped])
+  for a, b in zip(jax.tree.leaves((p1, s1.v_row, s1.v)), jax.tree.leaves((p2, s2.v_row, s2.v))):
+    np.testing.assert_allclose(a, b, rtol=1e-5)
 
 
 def test_sgd_momentum_and_clipping():

@@ -1,10 +1,10 @@
 """Optimizers: Adafactor as modified in Scaling Vision Transformers, AdamW, SGD.
 
-Every optimizer is the same optax chain:
+Every optimizer computes
 
-  clip_by_global_norm(grad_clip_norm)                  (if > 0)
-  -> direction: scale_by_factored_rms + momentum | scale_by_adam | trace
-  -> -lr(t) * direction - (lr(t) / peak_lr) * weight_decay * param
+  g      = clip_by_global_norm(gradient, grad_clip_norm)       (if > 0)
+  d      = direction(g): Adafactor + momentum | Adam | momentum SGD
+  update = -lr(t) * d - (lr(t) / peak_lr) * weight_decay * param
 
 The weight decay is decoupled from the gradient (Loshchilov & Hutter 2019)
 and follows the shape of the learning rate schedule; the head kernel has its
@@ -19,6 +19,12 @@ Adafactor (Shazeer & Stern 2018) with the changes of Zhai et al. 2022,
     largest axes of a parameter when both are >= `factored_min_dim`; the
     experts axis of expert weights is never one of them, so every expert has
     its own factored statistics.
+
+Adafactor is one fused transformation (clipping, statistics, momentum,
+learning rate and weight decay): MoE models have most of their parameters in
+experts, and every separate stage would be one more pass over them. The
+gradient is read for its statistics and once more for the update; clipping
+scales the statistics instead of materialising clipped gradients.
 """
 
 from __future__ import annotations
@@ -54,28 +60,43 @@ def factored_axes(
   return tuple(sorted(largest))
 
 
-class FactoredRmsState(NamedTuple):
+class AdafactorState(NamedTuple):
   count: jax.Array
   v_row: Any  # Per parameter: row means of g^2, or a (1,) placeholder.
-  v_col: Any
-  v: Any  # Per parameter: full second moment, or a (1,) placeholder.
+  v_col: Any  # Column means of g^2, or a (1,) placeholder.
+  v: Any  # Full second moment of unfactored parameters, or a (1,) placeholder.
+  momentum: Any  # First moment in `momentum_dtype`, or None without momentum.
 
 
-def scale_by_factored_rms(
+def adafactor(
+  learning_rate: Callable,
+  *,
+  beta1: float = 0.9,
+  momentum_dtype: Any = jnp.bfloat16,
+  clip_norm: float = 0.0,
+  weight_decay: Any = None,
+  peak_learning_rate: float = 1.0,
   expert_mask: Any = None,
   min_dim: int = 128,
   decay_exponent: float = 0.8,
   max_decay: float = 0.999,
   epsilon: float = 1e-30,
 ) -> optax.GradientTransformation:
-  """Divides gradients by the root of their (factored) second moment.
+  """Adafactor as in Scaling Vision Transformers, fused with clipping and decay.
 
   Args:
-    expert_mask: pytree of bools like the params (or a prefix); True marks
-      parameters whose axis 0 is the experts axis, never factored.
+    learning_rate: step -> learning rate; updates are -lr * direction.
+    beta1: momentum; 0 disables it (the direction is then g / sqrt(v)).
+    momentum_dtype: dtype the momentum is stored in.
+    clip_norm: clip gradients to this global norm first; 0 disables.
+    weight_decay: pytree of per-parameter decay (see `weight_decay_tree`) or None;
+      adds -(lr(t) / peak_learning_rate) * wd * param.
+    peak_learning_rate: the schedule's peak, for the decoupled weight decay.
+    expert_mask: pytree of bools like the params; True marks parameters whose
+      axis 0 is the experts axis, never factored.
     min_dim: smallest axis length that may be factored.
     decay_exponent, max_decay: beta2(t) = min(max_decay, 1 - t^-decay_exponent).
-    epsilon: added to g^2 (Adafactor's epsilon1).
+    epsilon: added to the mean of g^2 (Adafactor's epsilon1).
   """
 
   def axes_tree(params):
@@ -95,47 +116,91 @@ def scale_by_factored_rms(
     def full(p, ax):
       return placeholder() if ax else jnp.zeros(p.shape, jnp.float32)
 
-    return FactoredRmsState(
+    momentum = None
+    if beta1 > 0:
+      momentum = jax.tree.map(lambda p: jnp.zeros(p.shape, momentum_dtype), params)
+    return AdafactorState(
       count=jnp.zeros([], jnp.int32),
       v_row=_map_with_axes(row, params, axes),
       v_col=_map_with_axes(col, params, axes),
       v=_map_with_axes(full, params, axes),
+      momentum=momentum,
     )
 
-  def update_fn(updates, state, params=None):
-    del params
-    axes = axes_tree(updates)
+  def update_fn(grads, state, params=None):
+    treedef = jax.tree.structure(grads)
+    axes = treedef.flatten_up_to(axes_tree(grads))
+    g_leaves = [g.astype(jnp.float32) for g in treedef.flatten_up_to(grads)]
     count = state.count + 1
     t = count.astype(jnp.float32)
     beta2 = jnp.minimum(max_decay, 1.0 - jnp.power(t, -decay_exponent))
 
-    def one(g, ax, v_row, v_col, v):
-      g = g.astype(jnp.float32)
-      g2 = jnp.square(g) + epsilon
+    # 1. Statistics of the raw gradients: row and column means of g^2 for
+    #    factored parameters (the square fuses into the reductions), g^2 for
+    #    the others; the global norm comes from the same sums.
+    stats, squared_norm = [], 0.0
+    for g, ax in zip(g_leaves, axes):
+      if ax:
+        row_mean = jnp.mean(jnp.square(g), axis=ax[1])
+        # The barrier keeps XLA from sharing one materialised g^2 between the
+        # two reductions: two reading passes are cheaper than a write and two reads.
+        col_mean = jnp.mean(jnp.square(jax.lax.optimization_barrier(g)), axis=ax[0])
+        squared_norm += jnp.sum(row_mean) * g.shape[ax[1]]
+        stats.append((row_mean, col_mean))
+      else:
+        squared = jnp.square(g)
+        squared_norm += jnp.sum(squared)
+        stats.append(squared)
+    scale = jnp.ones([], jnp.float32)
+    if clip_norm > 0:
+      scale = jnp.minimum(1.0, clip_norm / (jnp.sqrt(squared_norm) + 1e-16))
+    scale2 = jnp.square(scale)
+
+    # 2. New second moments of the clipped gradients, then the direction.
+    lr = learning_rate(state.count)
+    v_row = treedef.flatten_up_to(state.v_row)
+    v_col = treedef.flatten_up_to(state.v_col)
+    v_full = treedef.flatten_up_to(state.v)
+    moms = treedef.flatten_up_to(state.momentum) if beta1 > 0 else [None] * len(g_leaves)
+    decays = treedef.flatten_up_to(weight_decay) if weight_decay is not None else None
+    p_leaves = treedef.flatten_up_to(params) if decays is not None else None
+    outs = {'update': [], 'v_row': [], 'v_col': [], 'v': [], 'momentum': []}
+    for i, (g, ax, stat) in enumerate(zip(g_leaves, axes, stats)):
       if ax:
         row_axis, col_axis = ax
-        new_row = beta2 * v_row + (1 - beta2) * jnp.mean(g2, axis=col_axis)
-        new_col = beta2 * v_col + (1 - beta2) * jnp.mean(g2, axis=row_axis)
+        new_row = beta2 * v_row[i] + (1 - beta2) * (scale2 * stat[0] + epsilon)
+        new_col = beta2 * v_col[i] + (1 - beta2) * (scale2 * stat[1] + epsilon)
         # v_hat[i, j] = row[i] * col[j] / mean(row): rank-1 estimate of E[g^2].
-        row_mean = jnp.mean(new_row, axis=row_axis, keepdims=True)
-        row_factor = jnp.expand_dims(new_row / row_mean, col_axis)
-        col_factor = jnp.expand_dims(new_col, row_axis)
-        update = g * jax.lax.rsqrt(row_factor) * jax.lax.rsqrt(col_factor)
-        return update, new_row, new_col, v
-      new_v = beta2 * v + (1 - beta2) * g2
-      return g * jax.lax.rsqrt(new_v), v_row, v_col, new_v
+        row_factor = jax.lax.rsqrt(new_row / jnp.mean(new_row, axis=row_axis, keepdims=True))
+        col_factor = jax.lax.rsqrt(new_col)
+        direction = (scale * g) * jnp.expand_dims(row_factor, col_axis)
+        direction = direction * jnp.expand_dims(col_factor, row_axis)
+        new_v = v_full[i]
+      else:
+        new_row, new_col = v_row[i], v_col[i]
+        new_v = beta2 * v_full[i] + (1 - beta2) * (scale2 * stat + epsilon)
+        direction = (scale * g) * jax.lax.rsqrt(new_v)
+      if beta1 > 0:
+        momentum = beta1 * moms[i].astype(jnp.float32) + (1 - beta1) * direction
+        momentum = momentum.astype(momentum_dtype)
+        outs['momentum'].append(momentum)
+        direction = momentum.astype(jnp.float32)  # The stored (rounded) momentum.
+      update = -lr * direction
+      if decays is not None and decays[i]:
+        update = update - (lr / peak_learning_rate) * decays[i] * p_leaves[i]
+      outs['update'].append(update)
+      outs['v_row'].append(new_row)
+      outs['v_col'].append(new_col)
+      outs['v'].append(new_v)
 
-    out = _map_with_axes(one, updates, axes, state.v_row, state.v_col, state.v)
-    treedef = jax.tree.structure(updates)
-    leaves = treedef.flatten_up_to(out)
-    new_updates = treedef.unflatten([leaf[0] for leaf in leaves])
-    new_state = FactoredRmsState(
+    new_state = AdafactorState(
       count=count,
-      v_row=treedef.unflatten([leaf[1] for leaf in leaves]),
-      v_col=treedef.unflatten([leaf[2] for leaf in leaves]),
-      v=treedef.unflatten([leaf[3] for leaf in leaves]),
+      v_row=treedef.unflatten(outs['v_row']),
+      v_col=treedef.unflatten(outs['v_col']),
+      v=treedef.unflatten(outs['v']),
+      momentum=treedef.unflatten(outs['momentum']) if beta1 > 0 else None,
     )
-    return new_updates, new_state
+    return treedef.unflatten(outs['update']), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -144,32 +209,11 @@ def _drop(shape, axis):
   return tuple(d for i, d in enumerate(shape) if i != axis)
 
 
-def _map_with_axes(fn, params, axes, *rest):
+def _map_with_axes(fn, params, axes):
   """tree.map over params whose `axes` leaves may be None or tuples."""
   treedef = jax.tree.structure(params)
-  axes_leaves = treedef.flatten_up_to(axes)
-  rest_leaves = [treedef.flatten_up_to(r) for r in rest]
-  leaves = [
-    fn(p, ax, *(r[i] for r in rest_leaves))
-    for i, (p, ax) in enumerate(zip(treedef.flatten_up_to(params), axes_leaves))
-  ]
+  leaves = [fn(p, ax) for p, ax in zip(treedef.flatten_up_to(params), treedef.flatten_up_to(axes))]
   return treedef.unflatten(leaves)
-
-
-def momentum_in(dtype, beta1: float) -> optax.GradientTransformation:
-  """m = beta1 * m + (1 - beta1) * u, stored in `dtype`; returns m (float32)."""
-
-  def init_fn(params):
-    return jax.tree.map(lambda p: jnp.zeros(p.shape, dtype), params)
-
-  def update_fn(updates, state, params=None):
-    del params
-    new_m = jax.tree.map(
-      lambda u, m: beta1 * m.astype(jnp.float32) + (1.0 - beta1) * u, updates, state
-    )
-    return new_m, jax.tree.map(lambda m: m.astype(dtype), new_m)
-
-  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def scheduled_weight_decay(
@@ -214,20 +258,27 @@ def create_optimizer(
   opt = config.optimizer
   if opt.name not in OPTIMIZERS:
     raise UserError(f'optimizer {opt.name!r} is unknown; use one of {OPTIMIZERS}.')
+  decay_tree = weight_decay_tree(params, opt.weight_decay, opt.head_weight_decay)
+  has_decay = opt.learning_rate > 0 and any(jax.tree.leaves(decay_tree))
+  if opt.name == 'adafactor':
+    return adafactor(
+      schedule,
+      beta1=opt.beta1,
+      clip_norm=max(opt.grad_clip_norm, 0.0),
+      weight_decay=decay_tree if has_decay else None,
+      peak_learning_rate=opt.learning_rate,
+      expert_mask=expert_mask,
+      min_dim=opt.factored_min_dim,
+    )
   parts = []
   if opt.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(opt.grad_clip_norm))
-  if opt.name == 'adafactor':
-    parts.append(scale_by_factored_rms(expert_mask, min_dim=opt.factored_min_dim))
-    if opt.beta1 > 0:
-      parts.append(momentum_in(jnp.bfloat16, opt.beta1))
-  elif opt.name == 'adamw':
+  if opt.name == 'adamw':
     parts.append(optax.scale_by_adam(b1=opt.beta1, b2=opt.beta2))
   else:
     parts.append(optax.trace(decay=opt.beta1))
   parts.append(optax.scale_by_schedule(lambda t: -schedule(t)))
-  decay_tree = weight_decay_tree(params, opt.weight_decay, opt.head_weight_decay)
-  if opt.learning_rate > 0 and any(jax.tree.leaves(decay_tree)):
+  if has_decay:
     parts.append(scheduled_weight_decay(schedule, opt.learning_rate, decay_tree))
   return optax.chain(*parts)
 

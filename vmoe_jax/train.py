@@ -198,15 +198,18 @@ def train_step(
     grads, metrics = jax.tree.map(lambda x: x / accum_steps, (grads, metrics))
 
   grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
   finite = jnp.isfinite(metrics['train/loss']) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = state.replace(
-    step=state.step + 1,
-    params=keep(params, state.params),
-    opt_state=keep(opt_state, state.opt_state),
+
+  def apply_update(_):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return optax.apply_updates(state.params, updates), opt_state
+
+  # A cond, not a select: a finite step (the usual case) costs no extra pass
+  # over params and optimizer state.
+  params, opt_state = jax.lax.cond(
+    finite, apply_update, lambda _: (state.params, state.opt_state), None
   )
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   metrics.update(
     {
       'train/grad_norm': grad_norm,

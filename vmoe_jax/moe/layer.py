@@ -297,7 +297,7 @@ class MoeMlp(nn.Module):
       dtype=self.dtype,
     )
     x = x.astype(self.dtype)
-    if self.mesh is None:
+    if self.mesh is None or self.mesh.size == 1:  # One device: no collectives to run.
       y, metrics, per_token = moe_forward(x, params, noise, dropout_key, cfg=cfg, mesh_axes=None)
     else:
       y, metrics, per_token = _sharded_forward(

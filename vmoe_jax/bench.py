@@ -1,0 +1,313 @@
+r"""Benchmarks of jitted train and inference steps: dense ViT vs MoE ViTs.
+
+The default case is the CPU case the README reports: width 192, depth 6,
+3 heads, MLP 768, patch 4 on 32x32 images, batch 128, MoE in every other
+block, K=1, capacity 1.25, float32:
+
+  python -m vmoe_jax.bench --experts=8,32,64 --json=bench_cpu.json
+
+Wider sweeps (E, K, capacity factors, dispatch implementations, modes):
+
+  python -m vmoe_jax.bench --experts=8,32,64,128 --num_selected=1,2 \
+      --capacity_factors=1.0,1.25 --dispatch=indices,einsum --modes=train,inference
+
+Every case is compiled, run `--warmup` times, then timed `--steps` times
+(each step waited for); the table shows medians. FLOPs are analytic
+(`vmoe_jax.flops`: active FLOPs, K experts per token, forward pass; training
+counts 3x); MFU is shown on accelerators with a known peak.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+
+from vmoe_jax import config_defaults
+from vmoe_jax import flops
+from vmoe_jax import optim
+from vmoe_jax import schedules
+from vmoe_jax import sharding
+from vmoe_jax import train
+
+_EXPERTS = flags.DEFINE_list('experts', ['8', '32', '64'], 'Expert counts (a dense ViT is added).')
+_NUM_SELECTED = flags.DEFINE_list('num_selected', ['1'], 'K values.')
+_CAPACITY = flags.DEFINE_list('capacity_factors', ['1.25'], 'Capacity factors.')
+_DISPATCH = flags.DEFINE_list('dispatch', ['indices'], "'indices' and/or 'einsum'.")
+_MODES = flags.DEFINE_list('modes', ['train'], "'train' and/or 'inference'.")
+_BATCH = flags.DEFINE_integer('batch_size', 128, 'Global batch size.')
+_IMAGE = flags.DEFINE_integer('image_size', 32, 'Square image side.')
+_WIDTH = flags.DEFINE_integer('width', 192, 'Model width.')
+_DEPTH = flags.DEFINE_integer('depth', 6, 'Blocks.')
+_HEADS = flags.DEFINE_integer('num_heads', 3, 'Attention heads.')
+_MLP = flags.DEFINE_integer('mlp_dim', 768, 'MLP (and expert) hidden width.')
+_PATCH = flags.DEFINE_integer('patch_size', 4, 'Patch size.')
+_LAYERS = flags.DEFINE_string('moe_layers', 'every_2', 'Which blocks are MoE.')
+_GROUP = flags.DEFINE_integer('group_size', 0, 'Images per routing group (0: per device).')
+_DTYPE = flags.DEFINE_string('dtype', 'float32', 'Compute dtype.')
+_OPTIMIZER = flags.DEFINE_string('optimizer', 'adafactor', 'Optimizer of the train step.')
+_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per case.')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+_EXPERT_AXIS = flags.DEFINE_integer('expert_axis', -1, 'Size of the expert mesh axis.')
+_CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0, 'Fake CPU devices (0: leave as is).')
+_JSON = flags.DEFINE_string('json', 'bench.json', 'Where to write the results.')
+
+# Dense peak FLOP/s by device kind and compute dtype (vendor figures, no sparsity).
+PEAK_FLOPS = {
+  ('H100', 'bfloat16'): 989e12,
+  ('H100', 'float32'): 494e12,  # TF32 tensor cores, XLA's default for float32 dots.
+  ('H200', 'bfloat16'): 989e12,
+  ('H200', 'float32'): 494e12,
+  ('A100', 'bfloat16'): 312e12,
+  ('A100', 'float32'): 156e12,
+  ('TPU v4', 'bfloat16'): 275e12,
+  ('TPU v5 lite', 'bfloat16'): 197e12,
+  ('TPU v5p', 'bfloat16'): 459e12,
+}
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+  for (kind, kind_dtype), value in PEAK_FLOPS.items():
+    if kind in device_kind and kind_dtype == dtype:
+      return value
+  return None
+
+
+def _config(num_experts, num_selected, capacity_factor, dispatch):
+
+  config = config_defaults.get_config()
+  config.model.update(
+    dict(
+      width=_WIDTH.value,
+      depth=_DEPTH.value,
+      num_heads=_HEADS.value,
+      mlp_dim=_MLP.value,
+      patch_size=_PATCH.value,
+      dtype=_DTYPE.value,
+      dropout=0.0,
+    )
+  )
+  moe = config.model.moe
+  moe.update(
+    dict(
+      num_experts=num_experts,
+      num_selected=num_selected,
+      capacity_factor=capacity_factor,
+      eval_capacity_factor=capacity_factor,
+      dispatch=dispatch,
+      layers=_LAYERS.value,
+      group_size=_GROUP.value,
+    )
+  )
+  config.input.batch_size = _BATCH.value
+  config.optimizer.name = _OPTIMIZER.value
+  config.mesh.expert = _EXPERT_AXIS.value
+  return config
+
+
+def _timed(run_once, steps: int, warmup: int) -> list[float]:
+  """Seconds of `steps` calls of run_once (each waited for), after `warmup` calls."""
+
+  for _ in range(warmup):
+    jax.block_until_ready(run_once())
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(run_once())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def build_case(num_experts, num_selected, capacity_factor, dispatch, expert_axis=None):
+  """Model, optimizer, initial state and a random batch of one benchmark case."""
+  config = _config(num_experts, num_selected, capacity_factor, dispatch)
+  if expert_axis is not None:
+    config.mesh.expert = expert_axis
+  mesh = sharding.create_mesh(config.mesh.expert, num_experts)
+  image_shape = (_IMAGE.value, _IMAGE.value, 3)
+  model = train.create_model(config, 10, mesh)
+  schedule = schedules.create_learning_rate_schedule(peak_value=1e-3, total_steps=10**6)
+  tx, init_fn, _, shardings = train.create_train_state(
+    config, model, lambda p, m: optim.create_optimizer(config, schedule, p, m), mesh, image_shape
+  )
+  rng = np.random.default_rng(0)
+  batch = sharding.global_batch(
+    {
+      'image': rng.normal(size=(_BATCH.value, *image_shape)).astype(np.float32),
+      'label': rng.integers(0, 10, size=_BATCH.value).astype(np.int32),
+    },
+    mesh,
+  )
+  step = jax.jit(
+    functools.partial(train.train_step, model=model, tx=tx, schedule=schedule),
+    donate_argnums=0,
+    out_shardings=(shardings, None),
+  )
+  return dict(
+    config=config,
+    mesh=mesh,
+    model=model,
+    state=init_fn(0),
+    batch=batch,
+    train_step=step,
+    image_shape=image_shape,
+  )
+
+
+def run_case(num_experts, num_selected, capacity_factor, dispatch, mode) -> dict:
+  """Compiles and times one case; returns its row."""
+  case = build_case(num_experts, num_selected, capacity_factor, dispatch)
+  mesh, model, state, batch = case['mesh'], case['model'], case['state'], case['batch']
+  image_shape = case['image_shape']
+  if mode == 'train':
+    start = time.perf_counter()
+    compiled = case['train_step'].lower(state, batch).compile()
+    compile_seconds = time.perf_counter() - start
+    holder = [state]
+
+    def run_once():
+      holder[0], metrics = compiled(holder[0], batch)
+      return metrics['train/loss']
+
+    times = _timed(run_once, _STEPS.value, _WARMUP.value)
+  else:
+    forward = jax.jit(
+      lambda params, images: model.apply({'params': params}, images, train=False)[0]
+    )
+    start = time.perf_counter()
+    compiled = forward.lower(state.params, batch['image']).compile()
+    compile_seconds = time.perf_counter() - start
+    times = _timed(lambda: compiled(state.params, batch['image']), _STEPS.value, _WARMUP.value)
+
+  memory = compiled.memory_analysis()
+  xla_bytes = None
+  if memory is not None:
+    xla_bytes = (
+      memory.temp_size_in_bytes
+      + memory.argument_size_in_bytes
+      + memory.output_size_in_bytes
+      - memory.alias_size_in_bytes
+    )
+  device = jax.devices()[0]
+  peak_in_use = None
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  if stats and 'peak_bytes_in_use' in stats:
+    peak_in_use = stats['peak_bytes_in_use']
+  fwd = flops.forward_flops(model, image_shape)['total']
+  step_flops = (3 if mode == 'train' else 1) * fwd * _BATCH.value
+  median = statistics.median(times)
+  peak = peak_flops(device.device_kind, _DTYPE.value)
+  return {
+    'case': 'dense'
+    if not num_experts
+    else f'moe E={num_experts} K={num_selected} cf={capacity_factor} {dispatch}',
+    'mode': mode,
+    'num_experts': num_experts,
+    'num_selected': num_selected if num_experts else None,
+    'capacity_factor': capacity_factor if num_experts else None,
+    'dispatch': dispatch if num_experts else None,
+    'step_seconds_median': median,
+    'step_seconds_all': times,
+    'images_per_sec': _BATCH.value / median,
+    'compile_seconds': compile_seconds,
+    'xla_memory_bytes': xla_bytes,
+    'device_peak_bytes_in_use': peak_in_use,
+    'gflops_per_image_fwd': fwd / 1e9,
+    'mfu': step_flops / median / peak if peak else None,
+    'mesh': dict(mesh.shape),
+  }
+
+
+def format_table(rows: list[dict]) -> str:
+  """Markdown table; 'vs dense' compares with the dense row of the same mode."""
+  dense = {r['mode']: r['step_seconds_median'] for r in rows if r['num_experts'] == 0}
+  lines = [
+    '| case | mode | step (ms) | images/s | vs dense | XLA memory (MB) | GFLOP/img (fwd) | MFU |',
+    '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |',
+  ]
+  for r in rows:
+    ratio = r['step_seconds_median'] / dense[r['mode']] if r['mode'] in dense else None
+    memory, mfu = r['xla_memory_bytes'], r['mfu']
+    cells = [
+      r['case'],
+      r['mode'],
+      f'{1000 * r["step_seconds_median"]:.1f}',
+      f'{r["images_per_sec"]:.1f}',
+      f'{ratio:.3f}' if ratio else '-',
+      f'{memory / 2**20:.0f}' if memory else '-',
+      f'{r["gflops_per_image_fwd"]:.3f}',
+      f'{100 * mfu:.1f}%' if mfu else '-',
+    ]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def use_cpu_devices(count: int) -> None:
+  """Asks for `count` fake CPU devices; must run before JAX creates its backends."""
+  if count:
+    os.environ['XLA_FLAGS'] = (
+      os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={count}'
+    )
+
+
+def main(argv):
+  del argv
+  use_cpu_devices(_CPU_DEVICES.value)
+
+  cases = [(0, 1, 1.0, 'indices')]
+  for e, k, cf, d in itertools.product(
+    _EXPERTS.value, _NUM_SELECTED.value, _CAPACITY.value, _DISPATCH.value
+  ):
+    cases.append((int(e), int(k), float(cf), d))
+  rows = []
+  total = len(cases) * len(_MODES.value)
+  for mode in _MODES.value:
+    for case in cases:
+      row = run_case(*case, mode)
+      rows.append(row)
+      print(
+        f'[{len(rows)}/{total}] {row["case"]} {mode}: '
+        f'{1000 * row["step_seconds_median"]:.1f} ms/step '
+        f'(compile {row["compile_seconds"]:.1f}s)',
+        file=sys.stderr,
+        flush=True,
+      )
+      jax.clear_caches()
+  table = format_table(rows)
+  print(table)
+  env = {
+    'jax': jax.__version__,
+    'backend': jax.default_backend(),
+    'device_kind': jax.devices()[0].device_kind,
+    'device_count': jax.device_count(),
+    'python': platform.python_version(),
+    'cpu_count': os.cpu_count(),
+    'model': dict(
+      width=_WIDTH.value,
+      depth=_DEPTH.value,
+      num_heads=_HEADS.value,
+      mlp_dim=_MLP.value,
+      patch_size=_PATCH.value,
+      image_size=_IMAGE.value,
+      batch_size=_BATCH.value,
+      dtype=_DTYPE.value,
+      moe_layers=_LAYERS.value,
+    ),
+  }
+  with open(_JSON.value, 'w') as f:
+    json.dump({'environment': env, 'rows': rows, 'table': table}, f, indent=2)
+  print(f'\nWritten to {_JSON.value}', file=sys.stderr)
+
+
+if __name__ == '__main__':
+  app.run(main)
