@@ -128,8 +128,10 @@ class EncoderBlock(nn.Module):
     y = nn.LayerNorm(dtype=self.dtype, name='norm_mlp')(x)
     metrics = None
     if self.moe is not None:
+      moe = dict(self.moe)
+      mlp_dim = moe.pop('mlp_dim', None) or self.mlp_dim  # Experts may be narrower.
       y, metrics = moe_layer.MoeMlp(
-        mlp_dim=self.mlp_dim, dtype=self.dtype, mesh=self.mesh, name='moe', **self.moe
+        mlp_dim=mlp_dim, dtype=self.dtype, mesh=self.mesh, name='moe', **moe
       )(y, deterministic=deterministic)
     else:
       y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name='mlp')(
