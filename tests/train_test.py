@@ -1,5 +1,6 @@
 """End-to-end training on 8 fake CPU devices: steps, metrics, checkpoints, resume."""
 
+import functools
 import json
 import os
 
@@ -8,7 +9,11 @@ import numpy as np
 import pytest
 from small_configs import tiny_config
 
+from vmoe_jax import input_pipeline
 from vmoe_jax import metrics
+from vmoe_jax import optim
+from vmoe_jax import schedules
+from vmoe_jax import sharding
 from vmoe_jax import train
 from vmoe_jax.errors import UserError
 
@@ -57,3 +62,44 @@ def test_batch_not_divisible_by_devices(tmp_path):
   config.input.batch_size = 12
   with pytest.raises(UserError, match='batch_size=12 does not split over the 8 devices'):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+  """Dense model, no dropout: 2 micro-batches give the gradient of the whole batch."""
+  config = tiny_config(num_experts=0)
+  config.optimizer.name = 'sgd'
+  config.optimizer.beta1 = 0.0
+  config.optimizer.grad_clip_norm = 0.0
+  mesh = sharding.create_mesh(1, 0)
+  data = input_pipeline.create_dataset(config)
+  model = train.create_model(config, data.num_classes, mesh)
+  schedule = schedules.create_learning_rate_schedule(peak_value=0.5, total_steps=10)
+  tx, init_fn, _, _ = train.create_train_state(
+    config,
+    model,
+    lambda p, m: optim.create_optimizer(config, schedule, p, m),
+    mesh,
+    data.image_shape,
+  )
+  batch = sharding.global_batch(next(data.train_batches(0)), mesh)
+  states = {}
+  for accum in (1, 2):
+    step = jax.jit(
+      functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, accum_steps=accum)
+    )
+    states[accum], metrics = step(init_fn(0), batch)
+    assert np.isfinite(float(metrics['train/loss']))
+  for a, b in zip(jax.tree.leaves(states[1].params), jax.tree.leaves(states[2].params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_profile_from_training_and_keep_last_checkpoints(tmp_path):
+  config = tiny_config(num_experts=8, steps=6)
+  config.profile.start_step = 2
+  config.profile.num_steps = 2
+  config.train.checkpoint_every = 1
+  config.train.keep_checkpoints = 2
+  train.train_and_evaluate(config, str(tmp_path))
+  traces = [f for _, _, files in os.walk(tmp_path / 'profile') for f in files]
+  assert any(f.endswith('.xplane.pb') for f in traces)
+  assert sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit()) == [5, 6]
