@@ -92,6 +92,18 @@ def test_digits_eval_batches_are_padded_and_masked():
   assert sum(b['mask'].sum() for part in parts for b in part) == 359
 
 
+def test_digits_train_eval_batches_are_unaugmented_and_bounded():
+  data = input_pipeline.create_dataset(digits_config(eval_batch_size=64))
+  train_x, train_y = data.train_arrays
+  batches = list(data.train_eval_batches(0))  # All 1,438 train images, in order.
+  assert len(batches) == 23 and sum(b['mask'].sum() for b in batches) == len(train_y)
+  valid = [b['mask'] > 0 for b in batches]
+  images = np.concatenate([b['image'][v] for b, v in zip(batches, valid)])
+  np.testing.assert_array_equal(images, train_x)
+  bounded = list(data.train_eval_batches(100))
+  assert len(bounded) == 2 and sum(b['mask'].sum() for b in bounded) == 100
+
+
 # --------------------------------------------------------------------------- TFDS
 
 tfds = pytest.importorskip('tensorflow_datasets')
@@ -124,6 +136,11 @@ def test_tfds_pipeline_on_mock_data():
     np.testing.assert_array_equal(resumed['image'], batches[3]['image'])
     evals = list(data.eval_batches())
     assert len(evals) == 3 and sum(e['mask'].sum() for e in evals) == 20
+    # Train images for few-shot features: decoded like test images, bounded.
+    train_evals = list(data.train_eval_batches(12))
+    assert len(train_evals) == 2 and sum(e['mask'].sum() for e in train_evals) == 12
+    assert train_evals[0]['image'].shape == (8, 32, 32, 3)
+    assert sum(e['mask'].sum() for e in data.train_eval_batches(0)) == 20
 
 
 def test_tfds_pipeline_per_process_shards():

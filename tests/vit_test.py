@@ -86,8 +86,16 @@ def test_output_shapes_and_extras():
 
 
 def test_expert_width_can_differ_from_the_dense_mlp():
-  model = vit.ViT(num_classes=3, patch_size=4, width=16, depth=2, num_heads=2, mlp_dim=32,
-                  moe=dict(num_experts=4, mlp_dim=8), moe_layers=(1,))
+  model = vit.ViT(
+    num_classes=3,
+    patch_size=4,
+    width=16,
+    depth=2,
+    num_heads=2,
+    mlp_dim=32,
+    moe=dict(num_experts=4, mlp_dim=8),
+    moe_layers=(1,),
+  )
   variables = model.init({'params': jax.random.key(0)}, jnp.ones((2, 8, 8, 3)), train=False)
   params = nn.meta.unbox(variables)['params']
   assert params['block_01']['moe']['wi'].shape == (4, 16, 8)

@@ -109,6 +109,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 3
   config.train.on_nonfinite = 'stop'  # 'stop' or 'skip' the step.
 
+  # Few-shot linear evaluation on frozen pre-logits (`vmoe_jax/fewshot.py`):
+  # ridge regression on k train images per class, accuracy on the test set,
+  # logged as fewshot/{k}shot. The L2 is chosen on held-out train images.
+  config.fewshot = ml_collections.ConfigDict()
+  config.fewshot.every = -1  # > 0: every N steps and at the end; 0: at the end; < 0: never.
+  config.fewshot.shots = (1, 5, 10)
+  config.fewshot.l2_regs = (1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3, 1e4)
+  config.fewshot.seed = 0  # Draws of the shots.
+  config.fewshot.num_trials = 5  # Draws averaged per shot count.
+  config.fewshot.val_per_class = 20  # Held-out train images per class to choose the L2.
+  config.fewshot.max_train_examples = 10_000  # Train images to draw from; <= 0: all.
+
   # Profiling: trace steps [start, start + num_steps) with jax.profiler.
   config.profile = ml_collections.ConfigDict()
   config.profile.start_step = -1  # -1: no profile.

@@ -43,6 +43,9 @@ class Dataset:
     train_batches: start_step -> iterator over this process's training rows.
     eval_batches: () -> iterator over this process's padded test rows; every
       process yields the same number of batches.
+    train_eval_batches: max_examples -> the same for the first `max_examples`
+      train examples (all when <= 0), without augmentation: features for
+      few-shot evaluation.
   """
 
   name: str
@@ -52,6 +55,7 @@ class Dataset:
   num_test: int
   train_batches: Callable[[int], Iterator[Batch]]
   eval_batches: Callable[[], Iterator[Batch]]
+  train_eval_batches: Callable[[int], Iterator[Batch]] | None = None
   # Test images and labels, when small enough to hold (digits): used by the
   # routing maps and few-shot evaluation.
   test_arrays: tuple[np.ndarray, np.ndarray] | None = None
@@ -145,6 +149,11 @@ def _digits(config, process_index: int, process_count: int) -> Dataset:
       normalize_digits(test_x), test_y, config, process_index, process_count
     )
 
+  def train_eval_batches(max_examples: int) -> Iterator[Batch]:
+    yield from _padded_eval_batches(
+      normalize_digits(train_x), train_y, config, process_index, process_count, max_examples
+    )
+
   return Dataset(
     name='digits',
     num_classes=10,
@@ -153,14 +162,19 @@ def _digits(config, process_index: int, process_count: int) -> Dataset:
     num_test=len(test_y),
     train_batches=train_batches,
     eval_batches=eval_batches,
+    train_eval_batches=train_eval_batches,
     test_arrays=(normalize_digits(test_x), test_y),
     train_arrays=(normalize_digits(train_x), train_y),
   )
 
 
-def _padded_eval_batches(images, labels, config, process_index, process_count):
-  """Every process gets ceil(N / global_batch) batches of its rows, padded with mask 0."""
-  limit = config.input.num_eval_examples
+def _padded_eval_batches(images, labels, config, process_index, process_count, limit=None):
+  """Every process gets ceil(N / global_batch) batches of its rows, padded with mask 0.
+
+  N is the number of examples, or `limit` (default: input.num_eval_examples) when > 0.
+  """
+  if limit is None:
+    limit = config.input.num_eval_examples
   if limit > 0:
     images, labels = images[:limit], labels[:limit]
   global_batch = config.input.eval_batch_size
@@ -302,13 +316,13 @@ def _tfds(config, process_index: int, process_count: int) -> Dataset:
   if config.input.num_eval_examples > 0:
     num_test = min(num_test, config.input.num_eval_examples)
 
-  def eval_batches() -> Iterator[Batch]:
+  def padded_batches(split: str, count: int, limited: bool) -> Iterator[Batch]:
     # Every process runs as many batches: its slice, padded with mask-0 rows
     # up to the batches needed by the largest slice.
-    num_batches = math.ceil(math.ceil(num_test / process_count) / local_eval)
-    ds = _as_dataset(builder, test_split, data_dir, shuffle_files=False, decoders=skip)
-    if config.input.num_eval_examples > 0:
-      ds = ds.take(math.ceil(num_test / process_count))
+    num_batches = math.ceil(math.ceil(count / process_count) / local_eval)
+    ds = _as_dataset(builder, split, data_dir, shuffle_files=False, decoders=skip)
+    if limited:
+      ds = ds.take(math.ceil(count / process_count))
     ds = ds.map(decode_test, num_parallel_calls=tf.data.AUTOTUNE)
     padding = tf.data.Dataset.from_tensors(
       {
@@ -320,6 +334,14 @@ def _tfds(config, process_index: int, process_count: int) -> Dataset:
     ds = ds.concatenate(padding).take(num_batches * local_eval).batch(local_eval)
     yield from tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE))
 
+  def eval_batches() -> Iterator[Batch]:
+    yield from padded_batches(test_split, num_test, config.input.num_eval_examples > 0)
+
+  def train_eval_batches(max_examples: int) -> Iterator[Batch]:
+    limited = 0 < max_examples < num_train
+    count = max_examples if limited else num_train
+    yield from padded_batches(train_split, count, limited)
+
   return Dataset(
     name=name,
     num_classes=num_classes,
@@ -328,6 +350,7 @@ def _tfds(config, process_index: int, process_count: int) -> Dataset:
     num_test=num_test,
     train_batches=train_batches,
     eval_batches=eval_batches,
+    train_eval_batches=train_eval_batches,
   )
 
 

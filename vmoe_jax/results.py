@@ -27,13 +27,13 @@ def model_name(config: dict) -> str:
   model = config['model']
   moe = model['moe']
   size = model.get('variant') or (
-    f"{model['width']}/{model['depth']}x{model['num_heads']}/{model['mlp_dim']} "
-    f"p{model['patch_size']}"
+    f'{model["width"]}/{model["depth"]}x{model["num_heads"]}/{model["mlp_dim"]} '
+    f'p{model["patch_size"]}'
   )
   if not moe['num_experts']:
     return f'ViT {size}'
   family = 'Switch-ViT' if moe['num_selected'] == 1 else 'V-MoE'
-  return f"{family} {size}, K={moe['num_selected']} {moe['layers']}"
+  return f'{family} {size}, K={moe["num_selected"]} {moe["layers"]}'
 
 
 def summarize(workdir: str) -> dict:

@@ -33,6 +33,7 @@ import optax
 
 from vmoe_jax import checkpointing
 from vmoe_jax import config_defaults
+from vmoe_jax import fewshot
 from vmoe_jax import input_pipeline
 from vmoe_jax import metrics as metrics_lib
 from vmoe_jax import optim
@@ -435,6 +436,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     out_shardings=(shardings, None),
   )
   eval_fn = jax.jit(functools.partial(eval_step, model=model))
+  fewshot_fn = fewshot.make_feature_fn(model, mesh) if config.fewshot.every >= 0 else None
   writer = metrics_lib.MetricWriter(workdir, enabled=is_writer)
   progress = metrics_lib.Progress(total_steps, start_step, config.input.batch_size)
   batches = dataset.train_batches(start_step)
@@ -503,6 +505,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         test = evaluate(eval_fn, state.params, dataset, mesh)
         writer.write(step, {f'test/{k}': v for k, v in test.items()})
         log.info('step %d  test accuracy %.4f  loss %.4f', step, test['accuracy'], test['loss'])
+      if fewshot_fn and _due(step, config.fewshot.every) and step < total_steps:
+        writer.write(
+          step,
+          fewshot.evaluate_metrics(fewshot_fn, state.params, dataset, mesh, config.fewshot, step),
+        )
       if _due(step, config.train.checkpoint_every) and step < total_steps:
         check_finite(step, metrics)
         save(step)
@@ -520,6 +527,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # Final evaluation and checkpoint.
   test = evaluate(eval_fn, state.params, dataset, mesh)
+  fewshot_metrics = {}
+  if fewshot_fn:
+    fewshot_metrics = fewshot.evaluate_metrics(
+      fewshot_fn, state.params, dataset, mesh, config.fewshot, step
+    )
   if last_saved != step:
     save(step)
   manager.wait_until_finished()
@@ -527,6 +539,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     'step': step,
     'num_params': num_params,
     **{f'test/{k}': v for k, v in test.items()},
+    **fewshot_metrics,
     'train_seconds': train_seconds,
     'train_steps_run': step - start_step,
     'step_seconds': progress.median_step_seconds(),
