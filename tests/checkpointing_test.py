@@ -202,3 +202,21 @@ def test_nonfinite_steps_can_be_skipped(tmp_path):
   assert sum(r['train/nonfinite'] for r in records) >= 1
   params = jax.device_get(inference.load(str(tmp_path)).params)
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_inference_reads_only_params(tmp_path):
+  """A checkpoint restores for inference whatever optimizer state it holds."""
+  import json
+
+  config = tiny_config(num_experts=8, steps=2)
+  config.optimizer.name = 'adamw'
+  train.train_and_evaluate(config, str(tmp_path))
+  saved = jax.device_get(inference.load(str(tmp_path)).params)
+  # Pretend another optimizer wrote it: the optimizer state no longer matches.
+  path = tmp_path / checkpointing.CONFIG_FILE
+  written = json.loads(path.read_text())
+  written['optimizer']['name'] = 'sgd'
+  path.write_text(json.dumps(written))
+  again = jax.device_get(inference.load(str(tmp_path)).params)
+  for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)

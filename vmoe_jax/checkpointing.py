@@ -49,7 +49,9 @@ def create_manager(
     directory,
     options=options,
     item_handlers={
-      'state': ocp.StandardCheckpointHandler(),
+      # Read-only managers (inference) restore subtrees: the PyTree handler
+      # reads what the standard one wrote and supports partial restores.
+      'state': ocp.StandardCheckpointHandler() if create else ocp.PyTreeCheckpointHandler(),
       'meta': ocp.JsonCheckpointHandler(),
     },
   )
@@ -129,6 +131,37 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> t
       'an earlier one, or use a new --workdir.'
     ) from None
   return restored['state'], dict(restored['meta'] or {})
+
+
+def restore_params(manager: ocp.CheckpointManager, step: int, abstract_params: Any) -> Any:
+  """Only the params of checkpoint `step`, onto the shardings of `abstract_params`.
+
+  The optimizer state is skipped (not read), so a checkpoint restores for
+  inference whatever optimizer wrote it. `manager` must be read-only
+  (`create_manager(..., create=False)`).
+  """
+  where = os.path.join(str(manager.directory), str(step))
+  try:
+    saved = manager.item_metadata(step)['state']
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f'checkpoint {where} cannot be read ({_first_line(e)}).') from None
+  saved_tree = dict(getattr(saved, 'tree', saved) or {})
+  if 'params' not in saved_tree:
+    raise UserError(f'checkpoint {where} holds no params; is it a vmoe_jax checkpoint?')
+  mismatch = _shape_mismatch(saved_tree['params'], abstract_params)
+  if mismatch:
+    raise UserError(f'checkpoint {where} was saved for another model: {mismatch}.')
+  target = {'params': abstract_params}
+  restore = ocp.args.PyTreeRestore(
+    item=target,
+    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+    partial_restore=True,
+  )
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(state=restore))
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f'checkpoint {where} cannot be restored ({_first_line(e)}).') from None
+  return restored['state']['params']
 
 
 def _first_line(error: Exception) -> str:

@@ -26,8 +26,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from vmoe_jax import checkpointing
-from vmoe_jax import optim
-from vmoe_jax import schedules
 from vmoe_jax import sharding
 from vmoe_jax import train
 from vmoe_jax.errors import UserError
@@ -82,29 +80,24 @@ class TrainedModel:
     return self.apply(images, batch_size)[1]['pre_logits']
 
 
-def restore_state(
-  workdir: str, config, mesh: Mesh, num_classes: int, image_shape, step: int | None = None, **model
+def restore_params(
+  workdir: str, config, mesh: Mesh, num_classes: int, image_shape, step: int | None = None
 ):
-  """(model, state, step): the TrainState of checkpoint `step` (default: latest) on `mesh`."""
-  model_def = train.create_model(config, num_classes, mesh, **model)
-  schedule = schedules.create_learning_rate_schedule(
-    peak_value=config.optimizer.learning_rate, total_steps=1
-  )
-
-  def tx_fn(params, mask):
-    return optim.create_optimizer(config, schedule, params, mask)
-
-  _, _, abstract_state, _ = train.create_train_state(config, model_def, tx_fn, mesh, image_shape)
+  """(model, params, step): the params of checkpoint `step` (default: latest) on `mesh`."""
+  model = train.create_model(config, num_classes, mesh)
+  target = train.abstract_params(config, model, mesh, image_shape)
   manager = checkpointing.create_manager(workdir, keep=0, async_save=False, create=False)
-  if step is None:
-    step = manager.latest_step()
+  try:
     if step is None:
-      raise UserError(f'{workdir} has no checkpoint; train first or check --workdir.')
-  elif step not in manager.all_steps():
-    raise UserError(f'{workdir} has no checkpoint {step}; it has {sorted(manager.all_steps())}.')
-  state, _ = checkpointing.restore(manager, step, abstract_state)
-  manager.close()
-  return model_def, state, step
+      step = manager.latest_step()
+      if step is None:
+        raise UserError(f'{workdir} has no checkpoint; train first or check --workdir.')
+    elif step not in manager.all_steps():
+      raise UserError(f'{workdir} has no checkpoint {step}; it has {sorted(manager.all_steps())}.')
+    params = checkpointing.restore_params(manager, step, target)
+  finally:
+    manager.close()
+  return model, params, step
 
 
 def load(
@@ -134,11 +127,13 @@ def load(
   info = checkpointing.read_dataset_info(workdir)
   mesh = sharding.create_mesh(expert, config.model.moe.num_experts, devices)
   image_shape = tuple(info['image_shape'])
-  model, state, step = restore_state(workdir, config, mesh, info['num_classes'], image_shape, step)
+  model, params, step = restore_params(
+    workdir, config, mesh, info['num_classes'], image_shape, step
+  )
   return TrainedModel(
     config=config,
     model=model,
-    params=state.params,
+    params=params,
     mesh=mesh,
     step=int(step),
     num_classes=info['num_classes'],

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
 
 from vmoe_jax import checkpointing
 from vmoe_jax import config_defaults
@@ -279,27 +280,48 @@ def num_train_steps(config, dataset: input_pipeline.Dataset) -> tuple[int, float
   return config.train.num_steps, steps_per_epoch
 
 
-def create_train_state(config, model, tx_fn, mesh, image_shape):
-  """Abstract state, its shardings and a jitted init that places it on `mesh`."""
-  # Same params as the sharded model; initialised unsharded on one routing group.
+def _param_init(config, model, image_shape):
+  """(init_params(key), boxed abstract params) of the unsharded twin of `model`.
+
+  The params are the sharded model's; they are initialised unsharded, on one
+  routing group of dummy images.
+  """
   dummy = jnp.zeros((max(1, config.model.moe.group_size), *image_shape), jnp.float32)
   model = model.clone(mesh=None)
-  boxed = jax.eval_shape(
-    lambda k: model.init({'params': k}, dummy, train=False), jax.random.key(0)
-  )['params']
+
+  def init_params(key):
+    return model.init({'params': key}, dummy, train=False)['params']
+
+  return init_params, jax.eval_shape(init_params, jax.random.key(0))
+
+
+def abstract_params(config, model, mesh, image_shape):
+  """Shapes, dtypes and shardings on `mesh` of the params of `model`."""
+  _, boxed = _param_init(config, model, image_shape)
   specs = sharding.param_specs(boxed)
-  abstract_params = nn.meta.unbox(boxed)
-  tx = tx_fn(abstract_params, sharding.expert_mask(specs))
+  return jax.tree.map(
+    lambda a, spec: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec)),
+    nn.meta.unbox(boxed),
+    specs,
+  )
+
+
+def create_train_state(config, model, tx_fn, mesh, image_shape):
+  """Abstract state, its shardings and a jitted init that places it on `mesh`."""
+  init_params, boxed = _param_init(config, model, image_shape)
+  specs = sharding.param_specs(boxed)
+  abstract = nn.meta.unbox(boxed)
+  tx = tx_fn(abstract, sharding.expert_mask(specs))
 
   def init(seed):
     params_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
-    params = nn.meta.unbox(model.init({'params': params_key}, dummy, train=False)['params'])
+    params = nn.meta.unbox(init_params(params_key))
     return TrainState(
       step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params), rng=state_key
     )
 
   abstract_state = jax.eval_shape(init, 0)
-  shardings = sharding.state_shardings(abstract_state, abstract_params, specs, mesh)
+  shardings = sharding.state_shardings(abstract_state, abstract, specs, mesh)
   init_fn = jax.jit(init, static_argnums=0, out_shardings=shardings)
   abstract_state = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
