@@ -52,14 +52,5 @@ def get_config(arg=None):
   config.train.checkpoint_every = 1000
 
   if arg == 'local':  # A tiny run to check the setup on a laptop-class CPU.
-    config.model.update(dict(width=64, depth=2, num_heads=2, mlp_dim=128, dtype='float32'))
-    config.input.batch_size = 32
-    config.input.eval_batch_size = 32
-    config.input.num_eval_examples = 256
-    config.train.num_epochs = 0
-    config.train.num_steps = 20
-    config.train.warmup_epochs = 0
-    config.train.cooldown_epochs = 0
-    config.schedule.warmup_steps = 5
-    config.train.log_every = 5
+    config_defaults.shrink_for_local_run(config)
   return config

@@ -97,3 +97,7 @@ def test_every_config_loads_and_validates(name):
   config = module.get_config()
   config_defaults.validate(config)
   assert 'python -m vmoe_jax.main' in module.__doc__
+  if ':local' in module.__doc__:
+    local = module.get_config('local')
+    config_defaults.validate(local)
+    assert local.model.width == 64 and local.train.num_steps == 20

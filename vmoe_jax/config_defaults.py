@@ -166,6 +166,35 @@ def apply_moe_preset(config: ml_collections.ConfigDict, preset: str) -> None:
   config.model.moe.update(MOE_PRESETS[preset])
 
 
+def shrink_for_local_run(config: ml_collections.ConfigDict) -> None:
+  """Makes a config small enough to check a setup on a laptop CPU in a minute.
+
+  A 2-block, 64-wide model (8 experts if it has experts), batch 32, 20 steps,
+  float32, evaluation on 256 test images. The `:local` variant of the configs.
+  """
+  config.model.update(
+    dict(variant=None, width=64, depth=2, num_heads=2, mlp_dim=128, dtype='float32')
+  )
+  if config.model.moe.num_experts:
+    config.model.moe.num_experts = 8
+  config.input.batch_size = 32
+  config.input.eval_batch_size = 32
+  config.input.num_eval_examples = 256
+  config.train.update(
+    dict(
+      num_epochs=0.0,
+      num_steps=20,
+      warmup_epochs=0.0,
+      cooldown_epochs=0.0,
+      log_every=5,
+      eval_every=0,
+      checkpoint_every=0,
+    )
+  )
+  config.schedule.warmup_steps = 5
+  config.schedule.cooldown_steps = 0
+
+
 def _flatten(config: ml_collections.ConfigDict, prefix: str = '') -> dict:
   out = {}
   for key, value in config.items():
