@@ -1,12 +1,13 @@
-"""Command line entry point; kept short on purpose.
+r"""Command line entry point; kept short on purpose.
 
   python -m vmoe_jax.main --config=configs/digits_switch.py --workdir=/tmp/run \
       [--config.model.moe.num_experts=16 ...]
 
-Parses flags, joins a multi-process run when the environment describes one,
-and calls `train.train_and_evaluate(config, workdir)`. Problems the user can
-fix (bad config keys or values, missing data, unreadable checkpoints) are
-printed as one line, exit status 2.
+Parses flags, joins a multi-process run when the flags or the environment
+describe one (see `distributed`; every process runs this same command), and
+calls `train.train_and_evaluate(config, workdir)`. Problems the user can fix
+(bad config keys or values, missing data, unreadable checkpoints, processes
+that cannot meet) are printed as one line, exit status 2.
 """
 
 import logging
@@ -25,6 +26,22 @@ _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Path to a config file.', lock_config=True
 )
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
+# Multi-process runs; these take precedence over VMOE_* variables and SLURM/TPU detection.
+_DISTRIBUTED = flags.DEFINE_enum(
+  'distributed',
+  None,
+  ['auto', 'on', 'off'],
+  'Join a multi-process run: auto (when flags, VMOE_* variables or a SLURM/TPU cluster say '
+  'so; the default), on (always, JAX detects what is not given), off (never).',
+)
+_COORDINATOR = flags.DEFINE_string(
+  'coordinator_address', None, 'host:port of process 0, which serves the coordinator.'
+)
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process: 0..num_processes-1.')
+_TIMEOUT = flags.DEFINE_integer(
+  'distributed_timeout', None, 'Seconds to wait for all processes to join (default 300).'
+)
 
 
 def _fail(message: str) -> None:
@@ -62,11 +79,24 @@ def main(argv: list[str]) -> None:
   # Our progress at INFO; libraries (orbax, jax) at WARNING.
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('vmoe_jax').setLevel(logging.INFO)
+  import jax  # pylint: disable=g-import-not-at-top
+
   from vmoe_jax import distributed  # pylint: disable=g-import-not-at-top
   from vmoe_jax import train  # pylint: disable=g-import-not-at-top
 
   try:
-    distributed.initialize_from_env()
+    settings = distributed.resolve(
+      _DISTRIBUTED.value,
+      _COORDINATOR.value,
+      _NUM_PROCESSES.value,
+      _PROCESS_ID.value,
+      _TIMEOUT.value,
+    )
+    if distributed.initialize(settings):
+      distributed.check_devices()
+      distributed.check_batch(config, jax.process_count())
+      if jax.process_index() > 0:  # Progress lines from process 0 only.
+        logging.getLogger('vmoe_jax').setLevel(logging.WARNING)
     train.train_and_evaluate(config, _WORKDIR.value)
   except UserError as e:
     _fail(str(e))
