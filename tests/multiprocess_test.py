@@ -274,3 +274,33 @@ def test_processes_with_different_device_counts_are_refused(tmp_path):
       'give every process the same number (one process per host or per accelerator, '
       'XLA_FLAGS=--xla_force_host_platform_device_count=M on CPUs).'
     )
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+  """A pre-emption notice to one process: all save the same step and stop, resumable."""
+  import re
+  import signal
+  import time
+
+  address = f'localhost:{free_port()}'
+  flags = (
+    f'--coordinator_address={address}',
+    '--num_processes=2',
+    '--distributed_timeout=120',
+    '--config.train.num_steps=100000',
+  )
+  processes = [start_main(tmp_path, i, 4, *flags) for i in (0, 1)]
+  deadline = time.time() + 300
+  while not (tmp_path / metrics.METRICS_FILE).exists():
+    assert all(p.poll() is None for p in processes) and time.time() < deadline
+    time.sleep(0.2)
+  processes[1].send_signal(signal.SIGTERM)
+  steps = []
+  for process in processes:
+    code, line = last_line(process, timeout=300)
+    assert code == 2, line
+    match = re.match(r'error: stopped by SIGTERM at step (\d+); checkpoint \d+ saved', line)
+    assert match, line
+    steps.append(int(match.group(1)))
+  assert steps[0] == steps[1]
+  assert steps[0] in checkpointing.create_manager(str(tmp_path), create=False).all_steps()

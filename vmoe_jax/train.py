@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from vmoe_jax import checkpointing
@@ -334,13 +335,23 @@ def config_to_json(config) -> dict:
 
 
 class _StopRequest:
-  """Turns SIGTERM / SIGINT into a flag that the loop checks after each step."""
+  """Turns SIGTERM / SIGINT into a stop at a step that every process agrees on.
+
+  One process: a Python handler sets a flag that the loop reads after each
+  step. Several processes: a signal may reach them at different steps, so
+  SIGTERM is left to JAX's preemption service, which picks the same step on
+  all of them (`multihost_utils.reached_preemption_sync_point`); Ctrl-C then
+  interrupts at once.
+  """
 
   def __init__(self):
     self.signal = None
     self._previous = {}
+    self._multiprocess = jax.process_count() > 1
 
   def __enter__(self):
+    if self._multiprocess:  # JAX's preemption service owns SIGTERM.
+      return self
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
         self._previous[sig] = signal.signal(sig, self._handle)
@@ -354,6 +365,13 @@ class _StopRequest:
       raise KeyboardInterrupt
     self.signal = signal.Signals(signum).name
     log.warning('%s received: saving a checkpoint after this step, then stopping.', self.signal)
+
+  def should_stop(self, step: int) -> bool:
+    """Whether to save and stop after `step` (the same answer on every process)."""
+    if self._multiprocess:
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signal = 'SIGTERM'
+    return self.signal is not None
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -535,7 +553,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if _due(step, config.train.checkpoint_every) and step < total_steps:
         check_finite(step, metrics)
         save(step)
-      if stop.signal:
+      if stop.should_stop(step):
         check_finite(step, metrics)
         save(step)
         manager.wait_until_finished()
