@@ -49,6 +49,14 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
   assert results['step'] == 3 and results['train_steps_run'] == 1
 
 
+def test_rerunning_a_finished_run_keeps_its_results(tmp_path):
+  first = train.train_and_evaluate(tiny_config(steps=2), str(tmp_path))
+  before = (tmp_path / 'results.json').read_text()
+  again = train.train_and_evaluate(tiny_config(steps=2), str(tmp_path))
+  assert (tmp_path / 'results.json').read_text() == before
+  assert again['test/accuracy'] == first['test/accuracy']
+
+
 def test_resume_with_another_model_is_refused(tmp_path):
   train.train_and_evaluate(tiny_config(steps=1), str(tmp_path))
   before = sorted(os.listdir(tmp_path / 'checkpoints'))

@@ -454,6 +454,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpointing.write_config(workdir, config_json)
   checkpointing.write_dataset_info(workdir, dataset)
   start_step = int(jax.device_get(state.step))
+  finished = os.path.join(workdir, 'results.json')
+  if start_step >= total_steps and os.path.exists(finished):
+    # A finished run: keep its results (and their timings) as they are.
+    log.info('%s already holds a run finished at step %d; nothing to do.', workdir, start_step)
+    with open(finished) as f:
+      return json.load(f)
   num_params = count_params(state.params)
   log.info(
     'Model: %s parameters; %d steps (%.1f epochs) from step %d.',
