@@ -185,14 +185,14 @@ def _metrics(logits, noisy_logits, gates, routing, cfg: RoutingConfig) -> dict[s
   """Auxiliary losses and routing statistics of the local groups (float32)."""
   num_experts = cfg.num_experts
   chosen = jax.nn.one_hot(routing.expert_index, num_experts, dtype=jnp.float32)  # (G, S, K, E)
-  kept = (routing.slot >= 0).astype(jnp.float32)
   return {
     'load_balancing_loss': losses.load_balancing_loss(gates, routing.expert_index[..., 0]),
     'importance_loss': losses.importance_loss(gates),
     'load_loss': losses.load_loss(logits, noisy_logits, cfg.noise_std, cfg.num_selected),
     'z_loss': losses.z_loss(logits),
     # Share of (token, choice) assignments dropped for lack of capacity.
-    'dropped': 1.0 - jnp.mean(kept),
+    # (Counted directly, not as 1 - kept, so that none dropped is exactly 0.)
+    'dropped': jnp.mean((routing.slot < 0).astype(jnp.float32)),
     # Share of the assignments that chose each expert, before capacity: (E,).
     'expert_load': jnp.mean(chosen, axis=(0, 1, 2)),
     'top1_gate': jnp.mean(jnp.max(gates, axis=-1)),
