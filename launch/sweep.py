@@ -120,6 +120,18 @@ def _done(run: Run) -> bool:
   return os.path.exists(os.path.join(run.workdir, 'results.json'))
 
 
+def _run_logged(cmd: list[str], log_path: str, prefix: str) -> int:
+  """Runs `cmd` with its output in `log_path`, echoing its progress lines; the exit status."""
+  with open(log_path, 'a') as log:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+      log.write(line)
+      message = line.split('] ', 1)[-1].strip()  # Without absl's 'I1123 12:00:00 ... file:N] '.
+      if message.startswith('step ') or message.startswith('Final:'):
+        print(f'{prefix} {message}', flush=True)
+    return proc.wait()
+
+
 def launch(args, runs: list[Run], fixed: list[str]) -> list[str]:
   """Starts the runs one after another; returns the names of those that failed."""
   failed = []
@@ -136,8 +148,7 @@ def launch(args, runs: list[Run], fixed: list[str]) -> list[str]:
       os.makedirs(run.workdir, exist_ok=True)
       log_path = os.path.join(run.workdir, 'train.log')
       print(f'[{i}/{len(runs)}] {run.name}: training (log: {log_path})', flush=True)
-      with open(log_path, 'a') as log:
-        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+      code = _run_logged(cmd, log_path, prefix=f'[{i}/{len(runs)}] {run.name}:')
     else:
       print(f'[{i}/{len(runs)}] {run.name}: {shlex.join(cmd)}', flush=True)
       code = subprocess.call(cmd)

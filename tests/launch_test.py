@@ -304,6 +304,10 @@ def test_sweep_runs_end_to_end(tmp_path):
   )
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert '2 of 2 runs finished' in result.stdout
+  # Each run's progress lines reach the console; the full output is in its train.log.
+  assert '[1/2] num_experts=2: step 2/4' in result.stdout
+  assert '[2/2] num_experts=4: Final: step 4' in result.stdout
+  assert 'Mesh' in (tmp_path / 'num_experts=2' / 'train.log').read_text()
   table = (tmp_path / 'results.md').read_text().splitlines()
   assert [line.split(' | ')[1] for line in table[2:]] == ['2', '4']
   assert (tmp_path / 'results.png').exists() and (tmp_path / 'results.csv').exists()
