@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from vmoe_jax import bench
 from vmoe_jax import profile
 from vmoe_jax.errors import UserError
 
@@ -105,3 +106,17 @@ def test_mesh_flag():
     profile.parse_mesh('data=3,expert=2', 8)
   with pytest.raises(UserError, match='not understood'):
     profile.parse_mesh('dp=2', 8)
+
+
+@pytest.mark.parametrize('interleave', [True, False])
+def test_time_cases_warms_up_then_times_in_rounds(interleave):
+  calls = []
+  fns = [lambda name=name: calls.append(name) for name in 'abc']
+  times = bench.time_cases(fns, steps=2, warmup=1, interleave=interleave)
+  assert [len(t) for t in times] == [2, 2, 2]
+  assert calls[:3] == ['a', 'b', 'c']  # One warm-up call each.
+  timed = calls[3:]
+  if interleave:  # Round by round: every case once per round.
+    assert timed == ['a', 'b', 'c', 'a', 'b', 'c']
+  else:
+    assert timed == ['a', 'a', 'b', 'b', 'c', 'c']

@@ -11,8 +11,10 @@ Wider sweeps (E, K, capacity factors, dispatch implementations, modes):
   python -m vmoe_jax.bench --experts=8,32,64,128 --num_selected=1,2 \
       --capacity_factors=1.0,1.25 --dispatch=indices,einsum --modes=train,inference
 
-Every case is compiled, run `--warmup` times, then timed `--steps` times
-(each step waited for); the table shows medians. FLOPs are analytic
+Every case is compiled and run `--warmup` times; then `--steps` rounds each
+time one step of every case, in turn (each step waited for), so that changes
+in the machine's load fall on all cases alike; the table shows medians.
+`--nointerleave` compiles and times one case at a time instead (less memory). FLOPs are analytic
 (`vmoe_jax.flops`: active FLOPs, K experts per token, forward pass; training
 counts 3x); MFU is shown on accelerators with a known peak.
 """
@@ -58,6 +60,12 @@ _DTYPE = flags.DEFINE_string('dtype', 'float32', 'Compute dtype.')
 _OPTIMIZER = flags.DEFINE_string('optimizer', 'adafactor', 'Optimizer of the train step.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per case.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+_INTERLEAVE = flags.DEFINE_bool(
+  'interleave',
+  True,
+  'Compile all cases of a mode, then time them in rounds (one step of each case per '
+  'round); --nointerleave runs one case at a time (less memory).',
+)
 _EXPERT_AXIS = flags.DEFINE_integer('expert_axis', -1, 'Size of the expert mesh axis.')
 _CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0, 'Fake CPU devices (0: leave as is).')
 _JSON = flags.DEFINE_string('json', 'bench.json', 'Where to write the results.')
@@ -115,16 +123,28 @@ def _config(num_experts, num_selected, capacity_factor, dispatch):
   return config
 
 
-def _timed(run_once, steps: int, warmup: int) -> list[float]:
-  """Seconds of `steps` calls of run_once (each waited for), after `warmup` calls."""
+def _time_once(run_once) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(run_once())
+  return time.perf_counter() - start
 
-  for _ in range(warmup):
-    jax.block_until_ready(run_once())
-  times = []
+
+def time_cases(run_fns: list, steps: int, warmup: int, interleave: bool) -> list[list[float]]:
+  """Seconds of `steps` waited-for calls of every function, after `warmup` calls each.
+
+  Interleaved: round r calls every function once, in turn, so that a change in
+  the machine's load (other processes, clock speed) falls on all cases alike
+  instead of on whichever case was running then.
+  """
+  for run_once in run_fns:
+    for _ in range(warmup):
+      jax.block_until_ready(run_once())
+  if not interleave:
+    return [[_time_once(f) for _ in range(steps)] for f in run_fns]
+  times = [[] for _ in run_fns]
   for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(run_once())
-    times.append(time.perf_counter() - start)
+    for i, run_once in enumerate(run_fns):
+      times[i].append(_time_once(run_once))
   return times
 
 
@@ -164,32 +184,46 @@ def build_case(num_experts, num_selected, capacity_factor, dispatch, expert_axis
   )
 
 
-def run_case(num_experts, num_selected, capacity_factor, dispatch, mode) -> dict:
-  """Compiles and times one case; returns its row."""
+def prepare_case(num_experts, num_selected, capacity_factor, dispatch, mode) -> dict:
+  """Builds and compiles one case: its `run_once` (one step) and what its row needs."""
   case = build_case(num_experts, num_selected, capacity_factor, dispatch)
-  mesh, model, state, batch = case['mesh'], case['model'], case['state'], case['batch']
-  image_shape = case['image_shape']
+  model, state, batch = case['model'], case['state'], case['batch']
+  start = time.perf_counter()
   if mode == 'train':
-    start = time.perf_counter()
     compiled = case['train_step'].lower(state, batch).compile()
-    compile_seconds = time.perf_counter() - start
     holder = [state]
 
     def run_once():
       holder[0], metrics = compiled(holder[0], batch)
       return metrics['train/loss']
 
-    times = _timed(run_once, _STEPS.value, _WARMUP.value)
   else:
     forward = jax.jit(
       lambda params, images: model.apply({'params': params}, images, train=False)[0]
     )
-    start = time.perf_counter()
     compiled = forward.lower(state.params, batch['image']).compile()
-    compile_seconds = time.perf_counter() - start
-    times = _timed(lambda: compiled(state.params, batch['image']), _STEPS.value, _WARMUP.value)
+    run_once = functools.partial(compiled, state.params, batch['image'])
+  return dict(
+    key=(num_experts, num_selected, capacity_factor, dispatch, mode),
+    mesh=case['mesh'],
+    model=model,
+    image_shape=case['image_shape'],
+    compiled=compiled,
+    compile_seconds=time.perf_counter() - start,
+    run_once=run_once,
+  )
 
-  memory = compiled.memory_analysis()
+
+def _label(num_experts, num_selected, capacity_factor, dispatch) -> str:
+  if not num_experts:
+    return 'dense'
+  return f'moe E={num_experts} K={num_selected} cf={capacity_factor} {dispatch}'
+
+
+def case_row(prepared: dict, times: list[float]) -> dict:
+  """The row of a prepared case timed `times` (seconds per step)."""
+  num_experts, num_selected, capacity_factor, dispatch, mode = prepared['key']
+  memory = prepared['compiled'].memory_analysis()
   xla_bytes = None
   if memory is not None:
     xla_bytes = (
@@ -203,14 +237,12 @@ def run_case(num_experts, num_selected, capacity_factor, dispatch, mode) -> dict
   stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
   if stats and 'peak_bytes_in_use' in stats:
     peak_in_use = stats['peak_bytes_in_use']
-  fwd = flops.forward_flops(model, image_shape)['total']
+  fwd = flops.forward_flops(prepared['model'], prepared['image_shape'])['total']
   step_flops = (3 if mode == 'train' else 1) * fwd * _BATCH.value
   median = statistics.median(times)
   peak = peak_flops(device.device_kind, _DTYPE.value)
   return {
-    'case': 'dense'
-    if not num_experts
-    else f'moe E={num_experts} K={num_selected} cf={capacity_factor} {dispatch}',
+    'case': _label(num_experts, num_selected, capacity_factor, dispatch),
     'mode': mode,
     'num_experts': num_experts,
     'num_selected': num_selected if num_experts else None,
@@ -219,13 +251,39 @@ def run_case(num_experts, num_selected, capacity_factor, dispatch, mode) -> dict
     'step_seconds_median': median,
     'step_seconds_all': times,
     'images_per_sec': _BATCH.value / median,
-    'compile_seconds': compile_seconds,
+    'compile_seconds': prepared['compile_seconds'],
     'xla_memory_bytes': xla_bytes,
     'device_peak_bytes_in_use': peak_in_use,
     'gflops_per_image_fwd': fwd / 1e9,
     'mfu': step_flops / median / peak if peak else None,
-    'mesh': dict(mesh.shape),
+    'mesh': dict(prepared['mesh'].shape),
   }
+
+
+def run_cases(cases: list[tuple], mode: str, interleave: bool) -> list[dict]:
+  """Rows of `cases` in `mode`: all compiled and timed together when interleaved."""
+  groups = [cases] if interleave else [[case] for case in cases]
+  rows = []
+  for group in groups:
+    prepared = []
+    for case in group:
+      prepared.append(prepare_case(*case, mode))
+      print(
+        f'compiled {_label(*case)} {mode} in {prepared[-1]["compile_seconds"]:.1f}s',
+        file=sys.stderr,
+        flush=True,
+      )
+    times = time_cases([p['run_once'] for p in prepared], _STEPS.value, _WARMUP.value, interleave)
+    for p, t in zip(prepared, times):
+      rows.append(case_row(p, t))
+      print(
+        f'{rows[-1]["case"]} {mode}: {1000 * rows[-1]["step_seconds_median"]:.1f} ms/step',
+        file=sys.stderr,
+        flush=True,
+      )
+    del prepared
+    jax.clear_caches()
+  return rows
 
 
 def format_table(rows: list[dict]) -> str:
@@ -270,19 +328,8 @@ def main(argv):
   ):
     cases.append((int(e), int(k), float(cf), d))
   rows = []
-  total = len(cases) * len(_MODES.value)
   for mode in _MODES.value:
-    for case in cases:
-      row = run_case(*case, mode)
-      rows.append(row)
-      print(
-        f'[{len(rows)}/{total}] {row["case"]} {mode}: '
-        f'{1000 * row["step_seconds_median"]:.1f} ms/step '
-        f'(compile {row["compile_seconds"]:.1f}s)',
-        file=sys.stderr,
-        flush=True,
-      )
-      jax.clear_caches()
+    rows += run_cases(cases, mode, _INTERLEAVE.value)
   table = format_table(rows)
   print(table)
   env = {
