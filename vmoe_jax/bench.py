@@ -9,12 +9,14 @@ block, K=1, capacity 1.25, float32:
 Wider sweeps (E, K, capacity factors, dispatch implementations, modes):
 
   python -m vmoe_jax.bench --experts=8,32,64,128 --num_selected=1,2 \
-      --capacity_factors=1.0,1.25 --dispatch=indices,einsum --modes=train,inference
+      --capacity_factors=1.0,1.25 --dispatch=indices,einsum --modes=train,inference \
+      --nointerleave
 
 Every case is compiled and run `--warmup` times; then `--steps` rounds each
 time one step of every case, in turn (each step waited for), so that changes
 in the machine's load fall on all cases alike; the table shows medians.
-`--nointerleave` compiles and times one case at a time instead (less memory). FLOPs are analytic
+`--nointerleave` compiles and times one case at a time instead (less memory,
+and the device's peak memory per case). FLOPs are analytic
 (`vmoe_jax.flops`: active FLOPs, K experts per token, forward pass; training
 counts 3x); MFU is shown on accelerators with a known peak.
 """
@@ -235,7 +237,8 @@ def case_row(prepared: dict, times: list[float]) -> dict:
   device = jax.devices()[0]
   peak_in_use = None
   stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
-  if stats and 'peak_bytes_in_use' in stats:
+  # The device's peak is per case only when the cases ran one at a time.
+  if not _INTERLEAVE.value and stats and 'peak_bytes_in_use' in stats:
     peak_in_use = stats['peak_bytes_in_use']
   fwd = flops.forward_flops(prepared['model'], prepared['image_shape'])['total']
   step_flops = (3 if mode == 'train' else 1) * fwd * _BATCH.value
