@@ -222,8 +222,11 @@ def _label(num_experts, num_selected, capacity_factor, dispatch) -> str:
   return f'moe E={num_experts} K={num_selected} cf={capacity_factor} {dispatch}'
 
 
-def case_row(prepared: dict, times: list[float]) -> dict:
-  """The row of a prepared case timed `times` (seconds per step)."""
+def case_row(prepared: dict, times: list[float], alone: bool) -> dict:
+  """The row of a prepared case timed `times` (seconds per step).
+
+  `alone`: the case ran by itself, so the device's peak memory is its own.
+  """
   num_experts, num_selected, capacity_factor, dispatch, mode = prepared['key']
   memory = prepared['compiled'].memory_analysis()
   xla_bytes = None
@@ -237,8 +240,7 @@ def case_row(prepared: dict, times: list[float]) -> dict:
   device = jax.devices()[0]
   peak_in_use = None
   stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
-  # The device's peak is per case only when the cases ran one at a time.
-  if not _INTERLEAVE.value and stats and 'peak_bytes_in_use' in stats:
+  if alone and stats and 'peak_bytes_in_use' in stats:
     peak_in_use = stats['peak_bytes_in_use']
   fwd = flops.forward_flops(prepared['model'], prepared['image_shape'])['total']
   step_flops = (3 if mode == 'train' else 1) * fwd * _BATCH.value
@@ -278,7 +280,7 @@ def run_cases(cases: list[tuple], mode: str, interleave: bool) -> list[dict]:
       )
     times = time_cases([p['run_once'] for p in prepared], _STEPS.value, _WARMUP.value, interleave)
     for p, t in zip(prepared, times):
-      rows.append(case_row(p, t))
+      rows.append(case_row(p, t, alone=not interleave))
       print(
         f'{rows[-1]["case"]} {mode}: {1000 * rows[-1]["step_seconds_median"]:.1f} ms/step',
         file=sys.stderr,
