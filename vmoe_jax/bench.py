@@ -39,6 +39,7 @@ from absl import flags
 
 from vmoe_jax import config_defaults
 from vmoe_jax import flops
+from vmoe_jax import host_malloc
 from vmoe_jax import optim
 from vmoe_jax import schedules
 from vmoe_jax import sharding
@@ -362,4 +363,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_malloc.maybe_reexec()  # CPU hosts: restart with glibc tunables, see host_malloc.
   app.run(main)

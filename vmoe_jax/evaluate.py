@@ -49,6 +49,7 @@ import numpy as np
 from vmoe_jax import config_defaults
 from vmoe_jax import fewshot as fewshot_lib
 from vmoe_jax import flops
+from vmoe_jax import host_malloc
 from vmoe_jax import inference
 from vmoe_jax import input_pipeline
 from vmoe_jax import routing_maps
@@ -549,6 +550,7 @@ def _define_flags() -> None:
 
 
 if __name__ == '__main__':
+  host_malloc.maybe_reexec()  # CPU hosts: restart with glibc tunables, see host_malloc.
   from absl import app  # pylint: disable=g-import-not-at-top
 
   _define_flags()

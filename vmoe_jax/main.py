@@ -20,6 +20,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from vmoe_jax import config_defaults
+from vmoe_jax import host_malloc
 from vmoe_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -103,4 +104,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+  host_malloc.maybe_reexec()  # CPU hosts: restart with glibc tunables, see host_malloc.
   app.run(main, flags_parser=_parse_flags)

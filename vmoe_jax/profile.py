@@ -34,6 +34,7 @@ from absl import flags
 from jax.sharding import PartitionSpec as P
 
 from vmoe_jax import bench
+from vmoe_jax import host_malloc
 from vmoe_jax.errors import UserError
 from vmoe_jax.moe import layer
 from vmoe_jax.moe import routing as routing_lib
@@ -267,4 +268,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_malloc.maybe_reexec()  # CPU hosts: restart with glibc tunables, see host_malloc.
   app.run(main)
