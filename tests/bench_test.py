@@ -120,3 +120,35 @@ def test_time_cases_warms_up_then_times_in_rounds(interleave):
     assert timed == ['a', 'b', 'c', 'a', 'b', 'c']
   else:
     assert timed == ['a', 'a', 'b', 'b', 'c', 'c']
+
+
+@pytest.mark.parametrize('name', list(bench.EXPERT_MATMULS))
+def test_expert_matmuls_are_the_expert_mlp_gradients(name):
+  """Each timed matmul is the product it is named after (checked against NumPy)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  ops = {k: np.asarray(v, np.float64) for k, v in bench.expert_matmul_operands(3, 5, 4, 6).items()}
+  spec, lhs, rhs = bench.EXPERT_MATMULS[name]
+  expected = {
+    'x · W_in': lambda: ops['x'] @ ops['w_in'],
+    'h · W_out': lambda: ops['h'] @ ops['w_out'],
+    'dy · W_out^T': lambda: ops['dy'] @ ops['w_out'].transpose(0, 2, 1),
+    'dh · W_in^T': lambda: ops['dh'] @ ops['w_in'].transpose(0, 2, 1),
+    'x^T · dh (dW_in)': lambda: ops['x'].transpose(0, 2, 1) @ ops['dh'],
+    'h^T · dy (dW_out)': lambda: ops['h'].transpose(0, 2, 1) @ ops['dy'],
+  }[name]()
+  got = np.einsum(spec, ops[lhs], ops[rhs])
+  np.testing.assert_allclose(got, expected, rtol=1e-10)
+
+
+def test_expert_matmuls_table(tmp_path):
+  out = tmp_path / 'matmuls.json'
+  result = run('vmoe_jax.bench', *TINY, '--experts=2,4', '--expert_matmuls', f'--json={out}')
+  lines = [line for line in result.stdout.splitlines() if line.startswith('| ')]
+  # 16x16 images, patch 4: 16 patches + class token; 16 images: 272 tokens;
+  # capacity 1.25: ceil(340 / 2) = 170 and ceil(340 / 4) = 85 rows per expert.
+  assert lines[0] == '| matmul (ms) | E=2 (C=170) | E=4 (C=85) |'
+  assert [line.split(' | ')[0][2:] for line in lines[2:]] == [*bench.EXPERT_MATMULS, 'sum']
+  rows = json.loads(out.read_text())['expert_matmuls']
+  assert len(rows) == 12 and all(len(r['seconds_all']) == 2 for r in rows)
+  assert {(r['num_experts'], r['capacity']) for r in rows} == {(2, 170), (4, 85)}

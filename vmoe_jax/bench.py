@@ -44,6 +44,7 @@ from vmoe_jax import optim
 from vmoe_jax import schedules
 from vmoe_jax import sharding
 from vmoe_jax import train
+from vmoe_jax.moe import routing as routing_lib
 
 _EXPERTS = flags.DEFINE_list('experts', ['8', '32', '64'], 'Expert counts (a dense ViT is added).')
 _NUM_SELECTED = flags.DEFINE_list('num_selected', ['1'], 'K values.')
@@ -72,6 +73,12 @@ _INTERLEAVE = flags.DEFINE_bool(
 _EXPERT_AXIS = flags.DEFINE_integer('expert_axis', -1, 'Size of the expert mesh axis.')
 _CPU_DEVICES = flags.DEFINE_integer('cpu_devices', 0, 'Fake CPU devices (0: leave as is).')
 _JSON = flags.DEFINE_string('json', 'bench.json', 'Where to write the results.')
+_EXPERT_MATMULS = flags.DEFINE_bool(
+  'expert_matmuls',
+  False,
+  "Instead of steps, time the six matmuls of one MoE layer's expert MLPs (forward, "
+  'input and weight gradients) on its capacity buffers, at each --experts.',
+)
 
 # Dense peak FLOP/s by device kind and compute dtype (vendor figures, no sparsity).
 PEAK_FLOPS = {
@@ -292,6 +299,71 @@ def run_cases(cases: list[tuple], mode: str, interleave: bool) -> list[dict]:
   return rows
 
 
+# The matmuls of an expert MLP y = gelu(x W_in) W_out and of its backward pass,
+# batched over experts: (einsum, lhs, rhs); x, dy: (E, C, D), h, dh: (E, C, H).
+EXPERT_MATMULS = {
+  'x · W_in': ('ecd,edh->ech', 'x', 'w_in'),
+  'h · W_out': ('ech,ehd->ecd', 'h', 'w_out'),
+  'dy · W_out^T': ('ecd,ehd->ech', 'dy', 'w_out'),
+  'dh · W_in^T': ('ech,edh->ecd', 'dh', 'w_in'),
+  'x^T · dh (dW_in)': ('ecd,ech->edh', 'x', 'dh'),
+  'h^T · dy (dW_out)': ('ech,ecd->ehd', 'h', 'dy'),
+}
+
+
+def expert_matmul_operands(
+  num_experts: int, capacity: int, width: int, mlp_dim: int, dtype: str = 'float32'
+) -> dict:
+  """Random operands of `EXPERT_MATMULS` for E experts of `capacity` rows each."""
+  rng = np.random.default_rng(0)
+  shapes = {
+    'x': (num_experts, capacity, width),
+    'dy': (num_experts, capacity, width),
+    'h': (num_experts, capacity, mlp_dim),
+    'dh': (num_experts, capacity, mlp_dim),
+    'w_in': (num_experts, width, mlp_dim),
+    'w_out': (num_experts, mlp_dim, width),
+  }
+  return {k: jax.numpy.asarray(rng.normal(size=v), dtype) for k, v in shapes.items()}
+
+
+def time_expert_matmuls(expert_counts: list[int]) -> tuple[list[dict], str]:
+  """Rows and a table: median ms of every expert matmul at each E, interleaved.
+
+  The buffers are those of the benchmark case: C = capacity of one routing
+  group of all `--batch_size` images (or `--group_size`) for K and the first
+  capacity factor, so E x C stays about the same while C shrinks with E.
+  """
+  patches = (_IMAGE.value // _PATCH.value) ** 2
+  tokens = patches + (config_defaults.get_config().model.classifier == 'token')
+  group = (_GROUP.value or _BATCH.value) * tokens
+  num_selected, capacity_factor = int(_NUM_SELECTED.value[0]), float(_CAPACITY.value[0])
+  cases, runs = [], []
+  for num_experts in expert_counts:
+    capacity = routing_lib.compute_capacity(group, num_experts, num_selected, capacity_factor)
+    operands = expert_matmul_operands(num_experts, capacity, _WIDTH.value, _MLP.value, _DTYPE.value)
+    for name, (spec, lhs, rhs) in EXPERT_MATMULS.items():
+      fn = jax.jit(functools.partial(jax.numpy.einsum, spec))
+      cases.append((num_experts, capacity, name))
+      runs.append(functools.partial(fn, operands[lhs], operands[rhs]))
+  times = time_cases(runs, _STEPS.value, _WARMUP.value, interleave=True)
+  rows = [
+    dict(num_experts=e, capacity=c, matmul=n, seconds_median=statistics.median(t), seconds_all=t)
+    for (e, c, n), t in zip(cases, times)
+  ]
+  ms = {(r['num_experts'], r['matmul']): 1000 * r['seconds_median'] for r in rows}
+  capacities = {r['num_experts']: r['capacity'] for r in rows}
+  header = ' | '.join(f'E={e} (C={capacities[e]})' for e in expert_counts)
+  lines = [f'| matmul (ms) | {header} |', '| --- |' + ' ---: |' * len(expert_counts)]
+  for name in [*EXPERT_MATMULS, 'sum']:
+    if name == 'sum':
+      values = [sum(ms[(e, n)] for n in EXPERT_MATMULS) for e in expert_counts]
+    else:
+      values = [ms[(e, name)] for e in expert_counts]
+    lines.append(f'| {name} | ' + ' | '.join(f'{v:.1f}' for v in values) + ' |')
+  return rows, '\n'.join(lines)
+
+
 def format_table(rows: list[dict]) -> str:
   """Markdown table; 'vs dense' compares with the dense row of the same mode."""
   dense = {r['mode']: r['step_seconds_median'] for r in rows if r['num_experts'] == 0}
@@ -327,6 +399,13 @@ def use_cpu_devices(count: int) -> None:
 def main(argv):
   del argv
   use_cpu_devices(_CPU_DEVICES.value)
+  if _EXPERT_MATMULS.value:
+    rows, table = time_expert_matmuls([int(e) for e in _EXPERTS.value])
+    print(table)
+    with open(_JSON.value, 'w') as f:
+      json.dump({'expert_matmuls': rows, 'table': table}, f, indent=2)
+    print(f'\nWritten to {_JSON.value}', file=sys.stderr)
+    return
 
   cases = [(0, 1, 1.0, 'indices')]
   for e, k, cf, d in itertools.product(
