@@ -152,3 +152,27 @@ def test_expert_matmuls_table(tmp_path):
   rows = json.loads(out.read_text())['expert_matmuls']
   assert len(rows) == 12 and all(len(r['seconds_all']) == 2 for r in rows)
   assert {(r['num_experts'], r['capacity']) for r in rows} == {(2, 170), (4, 85)}
+
+
+@pytest.mark.parametrize(
+  'flag, message',
+  [
+    ('--experts=8,abc', 'must be positive integers'),
+    ('--experts=0', 'must be positive integers'),
+    ('--num_selected=0', 'must be positive integers'),
+    ('--capacity_factors=-1', 'must be positive numbers'),
+    ('--dispatch=onehot', "must be 'indices' and/or 'einsum'"),
+    ('--modes=eval', "must be 'train' and/or 'inference'"),
+  ],
+)
+def test_bench_rejects_bad_lists_in_one_line(flag, message):
+  result = subprocess.run(
+    [sys.executable, '-m', 'vmoe_jax.bench', flag],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode != 0
+  errors = [line for line in result.stderr.splitlines() if 'Flags parsing error' in line]
+  assert len(errors) == 1 and flag.split('=')[0] in errors[0] and message in errors[0]

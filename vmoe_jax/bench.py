@@ -80,6 +80,37 @@ _EXPERT_MATMULS = flags.DEFINE_bool(
   'input and weight gradients) on its capacity buffers, at each --experts.',
 )
 
+
+def _all(parse, ok):
+  """A validator: every item of a list flag parses and passes `ok`."""
+
+  def check(values):
+    try:
+      return bool(values) and all(ok(parse(v)) for v in values)
+    except ValueError:
+      return False
+
+  return check
+
+
+flags.register_validator(
+  'experts', _all(int, lambda e: e > 0), 'must be positive integers, e.g. --experts=8,32,64'
+)
+flags.register_validator(
+  'num_selected', _all(int, lambda k: k > 0), 'must be positive integers, e.g. --num_selected=1,2'
+)
+flags.register_validator(
+  'capacity_factors',
+  _all(float, lambda c: c > 0),
+  'must be positive numbers, e.g. --capacity_factors=1.0,1.25',
+)
+flags.register_validator(
+  'dispatch', _all(str, lambda d: d in ('indices', 'einsum')), "must be 'indices' and/or 'einsum'"
+)
+flags.register_validator(
+  'modes', _all(str, lambda m: m in ('train', 'inference')), "must be 'train' and/or 'inference'"
+)
+
 # Dense peak FLOP/s by device kind and compute dtype (vendor figures, no sparsity).
 PEAK_FLOPS = {
   ('H100', 'bfloat16'): 989e12,
