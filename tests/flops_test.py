@@ -34,3 +34,14 @@ def test_moe_active_and_buffer_flops():
   with pytest.raises(ValueError):
     flops.forward_flops(model, (16, 16, 3), capacity_factor=1.0)
   assert flops.expert_flops_per_image(model, 3.0) == 3 * 2 * 2 * 8 * 16
+
+
+def test_conv_stem_flops_by_hand():
+  # 28x28x1 images, patch 4: two 3x3 stride-2 convs (D/2 = 4, then D = 8 channels)
+  # at 14x14 and 7x7, then a 1x1 projection to D = 8 at 7x7.
+  model = vit.ViT(
+    num_classes=10, patch_size=4, width=8, depth=1, num_heads=2, mlp_dim=16, stem='conv'
+  )
+  assert vit.conv_stem_channels(8, 4) == (4, 8)
+  f = flops.forward_flops(model, (28, 28, 1))
+  assert f['embedding'] == 2 * (14 * 14 * 9 * 1 * 4 + 7 * 7 * 9 * 4 * 8 + 7 * 7 * 8 * 8)

@@ -165,5 +165,5 @@ def test_tfds_missing_dataset_is_one_clear_line(tmp_path):
 
 
 def test_unknown_dataset_name():
-  with pytest.raises(UserError, match="'cifar11' is neither 'digits' nor a TFDS dataset"):
+  with pytest.raises(UserError, match="'cifar11' is neither an in-memory dataset"):
     input_pipeline.create_dataset(tfds_config(dataset='cifar11'))

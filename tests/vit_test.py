@@ -167,3 +167,30 @@ def test_moe_layer_indices_errors():
     vit.moe_layer_indices('odd', 6)
   with pytest.raises(UserError, match='outside the 6 blocks'):
     vit.moe_layer_indices('1,7', 6)
+
+
+def test_conv_stem_tokens_and_errors():
+  model = vit.ViT(
+    num_classes=10,
+    patch_size=4,
+    width=16,
+    depth=1,
+    num_heads=2,
+    mlp_dim=32,
+    stem='conv',
+    classifier='gap',
+  )
+  images = jnp.zeros((2, 28, 28, 1))
+  variables = model.init(jax.random.key(0), images, train=False)
+  params = variables['params']
+  # 7x7 = 49 tokens, convolutions with 8 and 16 channels, then the projection.
+  assert params['pos_embedding'].shape == (1, 49, 16)
+  assert params['stem']['conv_0']['kernel'].shape == (3, 3, 1, 8)
+  assert params['stem']['conv_1']['kernel'].shape == (3, 3, 8, 16)
+  assert params['stem']['projection']['kernel'].shape == (1, 1, 16, 16)
+  logits, _ = model.apply(variables, images, train=False)
+  assert logits.shape == (2, 10)
+  with pytest.raises(UserError, match='power of 2'):
+    model.clone(patch_size=7).init(jax.random.key(0), images, train=False)
+  with pytest.raises(UserError, match="model.stem='convv' is unknown"):
+    model.clone(stem='convv').init(jax.random.key(0), images, train=False)

@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.mlp_dim = config_dict.placeholder(int)
   config.model.patch_size = config_dict.placeholder(int)
   config.model.classifier = 'token'  # 'token' (class token) or 'gap'.
+  # Patch embedding: 'patch' (one patch_size x patch_size convolution, ViT) or
+  # 'conv' (3x3 stride-2 convolutions, Xiao et al. 2021; patch_size a power of 2).
+  config.model.stem = 'patch'
   config.model.dropout = 0.0
   config.model.attention_dropout = 0.0
   config.model.dtype = 'float32'  # Compute dtype; 'bfloat16' on GPU/TPU.

@@ -38,7 +38,7 @@ def forward_flops(
   patches = (height // p) * (width_px // p)
   tokens = patches + (1 if model.classifier == 'token' else 0)
   out = {
-    'embedding': 2.0 * patches * p * p * channels * d,
+    'embedding': _embedding_flops(model, height, width_px, channels),
     'attention': 0.0,
     'mlp': 0.0,
     'router': 0.0,
@@ -67,6 +67,21 @@ def forward_flops(
       out['experts'] += num_experts * capacity * per_assignment / images_per_group
   out['total'] = math.fsum(out.values())
   return out
+
+
+def _embedding_flops(model, height: int, width_px: int, channels: int) -> float:
+  """The patch embedding, or the conv stem's 3x3 stride-2 convolutions and 1x1 projection."""
+  d, p = model.width, model.patch_size
+  if getattr(model, 'stem', 'patch') != 'conv':
+    return 2.0 * (height // p) * (width_px // p) * p * p * channels * d
+  from vmoe_jax.models import vit  # pylint: disable=g-import-not-at-top
+
+  total, rows, cols, in_channels = 0.0, height, width_px, channels
+  for out_channels in vit.conv_stem_channels(d, p):
+    rows, cols = -(-rows // 2), -(-cols // 2)  # SAME padding, stride 2.
+    total += 2.0 * rows * cols * 9 * in_channels * out_channels
+    in_channels = out_channels
+  return total + 2.0 * rows * cols * in_channels * d
 
 
 def expert_flops_per_image(model, kept_assignments_per_image: float) -> float:

@@ -109,6 +109,7 @@ def create_model(config, num_classes: int, mesh=None, **overrides) -> vit.ViT:
   kwargs = dict(
     num_classes=num_classes,
     classifier=config.model.classifier,
+    stem=config.model.stem,
     dropout_rate=config.model.dropout,
     attention_dropout_rate=config.model.attention_dropout,
     dtype=jnp.dtype(dtype),

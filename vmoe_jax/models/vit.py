@@ -83,6 +83,47 @@ def moe_layer_indices(spec: str | int | tuple | list, depth: int) -> tuple[int, 
   return tuple(sorted(set(indices)))
 
 
+STEMS = ('patch', 'conv')
+
+
+def conv_stem_channels(width: int, patch_size: int) -> tuple[int, ...]:
+  """Channels of the 3x3 stride-2 convolutions of the conv stem for a patch size 2^n.
+
+  Xiao et al. 2021 ("Early convolutions help transformers see better"): n
+  convolutions whose channels double up to the model width (width / 2^(n-1),
+  ..., width / 2, width), then a 1x1 convolution to the width.
+  """
+  n = patch_size.bit_length() - 1
+  if patch_size < 2 or 2**n != patch_size:
+    raise UserError(
+      f'model.stem=conv needs a patch size that is a power of 2 (2, 4, 8, 16), got '
+      f'{patch_size}; use --config.model.stem=patch for other sizes.'
+    )
+  return tuple(max(1, width // 2 ** (n - 1 - i)) for i in range(n))
+
+
+class ConvStem(nn.Module):
+  """Convolutional stem: (B, H, W, C) -> (B, H/p, W/p, D), 3x3 stride-2 convs + a 1x1 conv.
+
+  Each 3x3 convolution is followed by LayerNorm over channels and GELU (the
+  paper uses BatchNorm and ReLU; LayerNorm keeps the model free of batch
+  statistics, so that training and evaluation see the same function).
+  """
+
+  width: int
+  patch_size: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i, channels in enumerate(conv_stem_channels(self.width, self.patch_size)):
+      x = nn.Conv(
+        channels, (3, 3), strides=(2, 2), padding='SAME', dtype=self.dtype, name=f'conv_{i}'
+      )(x)
+      x = nn.gelu(nn.LayerNorm(dtype=self.dtype, name=f'norm_{i}')(x))
+    return nn.Conv(self.width, (1, 1), dtype=self.dtype, name='projection')(x)
+
+
 class MlpBlock(nn.Module):
   """Dense MLP: (B, T, D) -> (B, T, D)."""
 
@@ -156,6 +197,7 @@ class ViT(nn.Module):
   num_heads: int
   mlp_dim: int
   classifier: str = 'token'
+  stem: str = 'patch'  # 'patch' (one strided convolution) or 'conv' (`ConvStem`).
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   dtype: Any = jnp.float32
@@ -169,14 +211,19 @@ class ViT(nn.Module):
     if self.classifier not in ('token', 'gap'):
       raise UserError(f"classifier={self.classifier!r} is unknown; use 'token' or 'gap'.")
     deterministic = not train
-    x = nn.Conv(
-      self.width,
-      (self.patch_size, self.patch_size),
-      strides=(self.patch_size, self.patch_size),
-      padding='VALID',
-      dtype=self.dtype,
-      name='embedding',
-    )(images.astype(self.dtype))
+    if self.stem == 'conv':
+      x = ConvStem(self.width, self.patch_size, self.dtype, name='stem')(images.astype(self.dtype))
+    elif self.stem == 'patch':
+      x = nn.Conv(
+        self.width,
+        (self.patch_size, self.patch_size),
+        strides=(self.patch_size, self.patch_size),
+        padding='VALID',
+        dtype=self.dtype,
+        name='embedding',
+      )(images.astype(self.dtype))
+    else:
+      raise UserError(f'model.stem={self.stem!r} is unknown; use one of {STEMS}.')
     batch, rows, cols, width = x.shape
     x = x.reshape(batch, rows * cols, width)
     if self.classifier == 'token':
