@@ -4,6 +4,7 @@ import pytest
 
 from vmoe_jax import flops
 from vmoe_jax.models import vit
+from vmoe_jax.moe.spec import MoeSpec
 
 
 def small(**kwargs):
@@ -21,7 +22,7 @@ def test_dense_vit_flops_by_hand():
 
 
 def test_moe_active_and_buffer_flops():
-  model = small(moe=dict(num_experts=4, num_selected=2), moe_layers=(1,))
+  model = small(moe=MoeSpec(num_experts=4, layers=(1,), mlp_dim=16, num_selected=2, group_size=0))
   dense = flops.forward_flops(small(), (16, 16, 3))
   f = flops.forward_flops(model, (16, 16, 3))
   # One dense MLP left; the MoE block runs each token through K=2 experts.

@@ -151,6 +151,7 @@ def test_optimizer_state_bytes_of_the_seed_switch_vit():
 
   from vmoe_jax import sharding
   from vmoe_jax.models import vit
+  from vmoe_jax.moe.spec import MoeSpec
 
   model = vit.ViT(
     num_classes=10,
@@ -159,8 +160,7 @@ def test_optimizer_state_bytes_of_the_seed_switch_vit():
     depth=12,
     num_heads=12,
     mlp_dim=1024,
-    moe=dict(num_experts=32),
-    moe_layers=tuple(range(12)),
+    moe=MoeSpec(num_experts=32, layers=tuple(range(12)), mlp_dim=1024, group_size=0),
   )
   boxed = jax.eval_shape(
     lambda k: model.init({'params': k}, jnp.zeros((1, 32, 32, 3)), train=False), jax.random.key(0)

@@ -6,7 +6,7 @@ import numpy as np
 from small_configs import tiny_config
 
 from vmoe_jax import routing_stats
-from vmoe_jax import train
+from vmoe_jax.models import factory
 from vmoe_jax.moe.routing import Routing
 
 # Two images, three tokens, K=2; slot -1 is dropped.
@@ -70,8 +70,8 @@ def test_tally_summary():
 def test_sown_routing_counts_match_the_layer_dropped_metric():
   config = tiny_config()
   config.model.moe.group_size = 0
-  base = train.create_model(config, num_classes=10)
-  model = base.clone(moe={**base.moe, 'eval_capacity_factor': 0.5})
+  base = factory.create_model(config, num_classes=10)
+  model = base.clone(moe=base.moe.at_eval(0.5, False))
   images = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
   variables = jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(images)
   (_, extras), state = jax.jit(

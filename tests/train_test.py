@@ -14,7 +14,9 @@ from vmoe_jax import metrics
 from vmoe_jax import optim
 from vmoe_jax import schedules
 from vmoe_jax import sharding
+from vmoe_jax import steps
 from vmoe_jax import train
+from vmoe_jax.models import factory
 from vmoe_jax.errors import UserError
 
 
@@ -80,10 +82,9 @@ def test_gradient_accumulation_matches_one_big_batch():
   config.optimizer.grad_clip_norm = 0.0
   mesh = sharding.create_mesh(1, 0)
   data = input_pipeline.create_dataset(config)
-  model = train.create_model(config, data.num_classes, mesh)
+  model = factory.create_model(config, data.num_classes, mesh)
   schedule = schedules.create_learning_rate_schedule(peak_value=0.5, total_steps=10)
-  tx, init_fn, _, _ = train.create_train_state(
-    config,
+  tx, init_fn, _, _ = steps.create_train_state(
     model,
     lambda p, m: optim.create_optimizer(config, schedule, p, m),
     mesh,
@@ -93,7 +94,7 @@ def test_gradient_accumulation_matches_one_big_batch():
   states = {}
   for accum in (1, 2):
     step = jax.jit(
-      functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, accum_steps=accum)
+      functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule, accum_steps=accum)
     )
     states[accum], metrics = step(init_fn(0), batch)
     assert np.isfinite(float(metrics['train/loss']))

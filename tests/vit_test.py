@@ -8,6 +8,7 @@ import pytest
 
 from vmoe_jax.errors import UserError
 from vmoe_jax.models import vit
+from vmoe_jax.moe.spec import MoeSpec
 
 
 def param_count(model, image_shape=(32, 32, 3)):
@@ -56,7 +57,9 @@ def test_switch_seed_vit_parameter_count(num_experts):
   per_expert = 2 * width * mlp + mlp + width
   # Every block: the dense MLP is replaced by E experts and a router (D x E).
   expected = dense + 12 * ((num_experts - 1) * per_expert + width * num_experts)
-  model = seed_vit(moe=dict(num_experts=num_experts), moe_layers=tuple(range(12)))
+  model = seed_vit(
+    moe=MoeSpec(num_experts=num_experts, layers=tuple(range(12)), mlp_dim=mlp, group_size=0)
+  )
   assert param_count(model) == expected
   assert expected == {32: 240_940_126, 64: 477_493_342}[num_experts]
 
@@ -69,9 +72,7 @@ def test_output_shapes_and_extras():
     depth=3,
     num_heads=2,
     mlp_dim=32,
-    moe=dict(num_experts=4),
-    moe_layers=(1,),
-    aux_loss_weights=dict(load_balance_weight=0.5),
+    moe=MoeSpec(num_experts=4, layers=(1,), mlp_dim=32, load_balance_weight=0.5, group_size=0),
   )
   images = jnp.ones((4, 8, 8, 1))
   variables = model.init({'params': jax.random.key(0)}, images, train=False)
@@ -93,8 +94,7 @@ def test_expert_width_can_differ_from_the_dense_mlp():
     depth=2,
     num_heads=2,
     mlp_dim=32,
-    moe=dict(num_experts=4, mlp_dim=8),
-    moe_layers=(1,),
+    moe=MoeSpec(num_experts=4, layers=(1,), mlp_dim=8, group_size=0),
   )
   variables = model.init({'params': jax.random.key(0)}, jnp.ones((2, 8, 8, 3)), train=False)
   params = nn.meta.unbox(variables)['params']

@@ -56,6 +56,7 @@ from vmoe_jax import routing_maps
 from vmoe_jax import routing_stats
 from vmoe_jax import sharding
 from vmoe_jax.errors import UserError
+from vmoe_jax.moe.spec import MoeSpec
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +81,18 @@ def with_routing(model, setting: Setting):
   """`model` (a ViT) with its MoE layers evaluated at `setting`."""
   if setting.capacity_factor is None or not model.moe:
     return model
-  moe = dict(model.moe)
-  moe.update(eval_capacity_factor=setting.capacity_factor, batch_priority=setting.batch_priority)
-  return model.clone(moe=moe)
+  return model.clone(moe=model.moe.at_eval(setting.capacity_factor, setting.batch_priority))
 
 
 def make_forward(model):
-  """Jitted (params, images (B, H, W, C)) -> (logits (B, L), {'block_XX': Routing (B, T, K)})."""
+  """Jitted (params, images (B, H, W, C), mask (B,)) -> (logits (B, L), {'block_XX': Routing}).
 
-  def forward(params, images):
+  Padding rows (mask 0) take no expert capacity (`vmoe_jax.moe.routers`).
+  """
+
+  def forward(params, images, mask):
     (logits, _), state = model.apply(
-      {'params': params}, images, train=False, mutable=['intermediates']
+      {'params': params}, images, train=False, mask=mask, mutable=['intermediates']
     )
     return logits, routing_stats.moe_routing(state.get('intermediates', {}))
 
@@ -106,12 +108,12 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def images_per_second(forward, params, device_images: list, min_seconds: float) -> float:
-  """Rows per second of `forward` over `device_images`, repeated for >= min_seconds."""
-  jax.block_until_ready(forward(params, device_images[0]))  # Warm-up (compiles if needed).
+  """Rows per second of `forward` over (images, mask) pairs, repeated for >= min_seconds."""
+  jax.block_until_ready(forward(params, *device_images[0]))  # Warm-up (compiles if needed).
   rows, start = 0, time.perf_counter()
   while True:
-    jax.block_until_ready([forward(params, images) for images in device_images])
-    rows += sum(images.shape[0] for images in device_images)
+    jax.block_until_ready([forward(params, *batch) for batch in device_images])
+    rows += sum(batch[0].shape[0] for batch in device_images)
     elapsed = time.perf_counter() - start
     if elapsed >= min_seconds:
       return rows / elapsed
@@ -153,10 +155,12 @@ def evaluate_setting(
   found: dict[int, dict[str, tuple]] = {}  # Test position -> {layer: (expert_index, slot)}.
   device_images, position = [], 0
   for batch in batches:
-    images = jax.device_put(batch['image'], sharding.batch_sharding(mesh))
+    images, device_mask = jax.device_put(
+      (batch['image'], batch['mask']), sharding.batch_sharding(mesh)
+    )
     if len(device_images) < timing_batches:
-      device_images.append(images)
-    logits, routing = jax.device_get(forward(params, images))
+      device_images.append((images, device_mask))
+    logits, routing = jax.device_get(forward(params, images, device_mask))
     labels, mask = np.asarray(batch['label']), np.asarray(batch['mask']) > 0
     correct += float(np.sum((np.argmax(logits, -1) == labels) & mask))
     loss += float(np.sum(softmax_cross_entropy(logits, labels) * mask))
@@ -410,11 +414,11 @@ def _run_fewshot(model, params, mesh, dataset, config) -> dict:
 def _map_settings(config, example_capacity_factor: float) -> dict[str, list[Setting]]:
   """Settings the maps need: 'trained' (as evaluated in training), 'train_capacity' (as
   trained) and 'low' (the examples' low capacity, vanilla and BPR)."""
-  moe = config.model.moe
-  bpr = bool(moe.batch_priority)
+  spec = MoeSpec.from_config(config)
+  bpr = spec.eval_batch_priority
   return {
-    'trained': [Setting(float(moe.eval_capacity_factor or moe.capacity_factor), bpr)],
-    'train_capacity': [Setting(float(moe.capacity_factor), bpr)],
+    'trained': [Setting(spec.eval_capacity_factor, bpr)],
+    'train_capacity': [Setting(spec.capacity_factor, bpr)],
     'low': [Setting(float(example_capacity_factor), b) for b in (False, True)],
   }
 
@@ -432,7 +436,7 @@ def _write_maps(output_dir, report, results, maps, examples, model, image_shape)
     image_shape: (H, W, C).
   """
   rows = [r for r in report['settings'] if r['capacity_factor'] is not None]
-  num_experts = model.moe['num_experts']
+  num_experts = model.moe.num_experts
   trained_setting, train_capacity = maps['trained'][0], maps['train_capacity'][0]
   step = report['step']
   routing_maps.plot_accuracy_vs_compute(

@@ -5,7 +5,8 @@ GELU and routing bookkeeping are a few percent at these sizes). Training is
 taken as 3x the forward pass (forward + two matmuls per matmul backward).
 
 Expert FLOPs can be counted two ways:
-  * active: every token runs through K experts (what the model "uses");
+  * active: the assignments the router makes (K per token for top-k; what the
+    model "uses");
   * buffers: every expert processes its full capacity C per group, padding
     included (what the hardware does): E * C * (4 D H) per group of N images.
 """
@@ -13,8 +14,6 @@ Expert FLOPs can be counted two ways:
 from __future__ import annotations
 
 import math
-
-from vmoe_jax.moe import routing
 
 
 def forward_flops(
@@ -27,11 +26,17 @@ def forward_flops(
   """FLOPs of one image through `model` (a `vmoe_jax.models.vit.ViT`), by part.
 
   Args:
-    model: the ViT definition (only its sizes are read).
+    model: the ViT definition (only its sizes and MoE spec are read).
     image_shape: (H, W, C).
-    capacity_factor: None counts active expert FLOPs (K per token); a value
-      counts the capacity buffers of groups of `images_per_group` images.
-    images_per_group: N, needed with `capacity_factor`.
+    capacity_factor: None counts active expert FLOPs (the assignments the
+      router makes at the training capacity); a value counts the expert
+      buffers at that evaluation capacity factor, padding included.
+    images_per_group: N, the images of a routing group, when the spec's
+      group_size is 0 (all images of a device).
+
+  Per router (MoE layers), assignments per image: top-k, image-level and
+  dropless K * T; Expert Choice E * C / N; Soft MoE E * P / N slots, plus
+  its dispatch and combine mixing, 2 * 2 * T * E * P * D ('dispatch').
   """
   height, width_px, channels = image_shape
   d, h, p = model.width, model.mlp_dim, model.patch_size
@@ -42,31 +47,59 @@ def forward_flops(
     'attention': 0.0,
     'mlp': 0.0,
     'router': 0.0,
+    'dispatch': 0.0,
     'experts': 0.0,
     'head': 2.0 * d * model.num_classes,
   }
-  moe = dict(model.moe or {})
-  expert_h = moe.get('mlp_dim', h)
+  spec = model.moe
   for block in range(model.depth):
     out['attention'] += 2.0 * 4 * tokens * d * d + 2.0 * 2 * tokens * tokens * d
-    if block not in model.moe_layers or not moe:
+    if spec is None or block not in spec.layers:
       out['mlp'] += 2.0 * 2 * tokens * d * h
       continue
-    num_experts, k = moe['num_experts'], moe.get('num_selected', 1)
-    out['router'] += 2.0 * tokens * d * num_experts
-    per_assignment = 2.0 * 2 * d * expert_h
-    if capacity_factor is None:
-      out['experts'] += k * tokens * per_assignment
-    else:
-      if not images_per_group:
-        raise ValueError('images_per_group is needed to count capacity buffers.')
-      group_tokens = images_per_group * tokens
-      capacity = routing.compute_capacity(
-        group_tokens, num_experts, k, capacity_factor, moe.get('capacity_multiple', 1)
-      )
-      out['experts'] += num_experts * capacity * per_assignment / images_per_group
+    images = spec.group_size or images_per_group
+    logits, mixing, rows = moe_layer_work(spec, tokens, images, capacity_factor)
+    out['router'] += 2.0 * d * logits
+    out['dispatch'] += 2.0 * 2 * d * mixing
+    out['experts'] += 2.0 * 2 * d * spec.mlp_dim * rows
   out['total'] = math.fsum(out.values())
   return out
+
+
+def moe_layer_work(spec, tokens: int, images: int | None, capacity_factor: float | None):
+  """(router logits, dense mixing products, expert rows) per image of one MoE layer.
+
+  `capacity_factor` None: the active rows at the training capacity; else the
+  buffer rows at that evaluation capacity factor. `images`: N per group (None
+  when unknown: Expert Choice and Soft MoE then take the even share, cf * T).
+  """
+  from vmoe_jax.moe import routers  # pylint: disable=g-import-not-at-top
+
+  router = routers.ROUTERS[spec.router]
+  train = capacity_factor is None
+  if not train:
+    spec = spec.at_eval(capacity_factor, spec.eval_batch_priority)
+  factor = spec.capacity_factor_for(train)
+  group = None if not images else images * tokens
+  logits = tokens * (router.num_logits(spec, group) if group else spec.num_experts)
+  if spec.router == 'soft':
+    slots = factor * tokens
+    if group:
+      slots = spec.num_experts * router.capacity(spec, group, tokens, train) / images
+    return logits, tokens * slots, slots
+  if spec.router == 'dropless':
+    rows = spec.num_selected * tokens
+    if not train and group:  # The block-padded rows of the grouped matmul.
+      rows = spec.block_size * (math.ceil(rows * images / spec.block_size) + spec.num_experts)
+      rows /= images
+    return logits, 0.0, rows
+  if train and spec.router != 'expert_choice':
+    return logits, 0.0, spec.num_selected * tokens
+  if not group:
+    if train:  # Expert Choice: the even share.
+      return logits, 0.0, factor * tokens
+    raise ValueError('images_per_group is needed to count capacity buffers.')
+  return logits, 0.0, spec.num_experts * router.capacity(spec, group, tokens, train) / images
 
 
 def _embedding_flops(model, height: int, width_px: int, channels: int) -> float:
@@ -85,6 +118,5 @@ def _embedding_flops(model, height: int, width_px: int, channels: int) -> float:
 
 
 def expert_flops_per_image(model, kept_assignments_per_image: float) -> float:
-  """Expert FLOPs actually spent on `kept_assignments_per_image` (token, choice) pairs."""
-  moe = dict(model.moe or {})
-  return kept_assignments_per_image * 2.0 * 2 * model.width * moe.get('mlp_dim', model.mlp_dim)
+  """Expert FLOPs actually spent on `kept_assignments_per_image` (token, expert) pairs."""
+  return kept_assignments_per_image * 2.0 * 2 * model.width * model.moe.mlp_dim

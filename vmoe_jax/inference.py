@@ -26,9 +26,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from vmoe_jax import checkpointing
+from vmoe_jax import config_defaults
 from vmoe_jax import sharding
-from vmoe_jax import train
+from vmoe_jax import steps
 from vmoe_jax.errors import UserError
+from vmoe_jax.models import factory
 
 
 @dataclasses.dataclass
@@ -80,12 +82,31 @@ class TrainedModel:
     return self.apply(images, batch_size)[1]['pre_logits']
 
 
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config of a training run (`workdir/config.json`) over today's defaults.
+
+  Keys added to the schema after the run was made take their defaults.
+  """
+  config = config_defaults.get_config()
+  config.unlock()
+  _merge(config, checkpointing.read_config(workdir))
+  return config
+
+
+def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
+  for key, value in saved.items():
+    if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+      _merge(config[key], value)
+    else:
+      config[key] = tuple(value) if isinstance(value, list) else value
+
+
 def restore_params(
   workdir: str, config, mesh: Mesh, num_classes: int, image_shape, step: int | None = None
 ):
   """(model, params, step): the params of checkpoint `step` (default: latest) on `mesh`."""
-  model = train.create_model(config, num_classes, mesh)
-  target = train.abstract_params(config, model, mesh, image_shape)
+  model = factory.create_model(config, num_classes, mesh)
+  target = steps.abstract_params(model, mesh, image_shape)
   manager = checkpointing.create_manager(workdir, keep=0, async_save=False, create=False)
   try:
     if step is None:
@@ -119,11 +140,11 @@ def load(
       at inference (e.g. a lower capacity with BPR to save compute).
   """
   workdir = os.path.abspath(workdir)
-  config = ml_collections.ConfigDict(checkpointing.read_config(workdir))
+  config = run_config(workdir)
   if eval_capacity_factor is not None:
     config.model.moe.eval_capacity_factor = eval_capacity_factor
   if batch_priority is not None:
-    config.model.moe.batch_priority = batch_priority
+    config.model.moe.eval_batch_priority = batch_priority
   info = checkpointing.read_dataset_info(workdir)
   mesh = sharding.create_mesh(expert, config.model.moe.num_experts, devices)
   image_shape = tuple(info['image_shape'])

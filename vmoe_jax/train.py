@@ -23,15 +23,10 @@ import signal
 import time
 from typing import Any
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
 
 from vmoe_jax import checkpointing
 from vmoe_jax import config_defaults
@@ -42,201 +37,11 @@ from vmoe_jax import optim
 from vmoe_jax import results as results_lib
 from vmoe_jax import schedules
 from vmoe_jax import sharding
+from vmoe_jax import steps
 from vmoe_jax.errors import UserError
-from vmoe_jax.models import vit
+from vmoe_jax.models import factory
 
 log = logging.getLogger(__name__)
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  rng: jax.Array  # Base key; step t uses fold_in(rng, t).
-
-
-# --------------------------------------------------------------------------- model
-
-
-def model_settings(config: ml_collections.ConfigDict) -> dict[str, int]:
-  """Width, depth, heads, MLP width and patch size from the variant and overrides."""
-  model = config.model
-  settings = vit.decode_variant(model.variant) if model.variant else {}
-  for key in ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size'):
-    if model[key] is not None:
-      settings[key] = model[key]
-  missing = [
-    k for k in ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size') if k not in settings
-  ]
-  if missing:
-    raise UserError(
-      f'model size incomplete: set --config.model.variant (e.g. S/16) or '
-      f'{", ".join("--config.model." + k for k in missing)}.'
-    )
-  if settings['width'] % settings['num_heads']:
-    raise UserError(
-      f'model width {settings["width"]} is not divisible by num_heads {settings["num_heads"]}.'
-    )
-  return settings
-
-
-def create_model(config, num_classes: int, mesh=None, **overrides) -> vit.ViT:
-  """The ViT of `config.model`; MoE layers get `mesh` for expert parallelism."""
-  settings = model_settings(config)
-  moe_cfg = config.model.moe
-  moe, moe_layers = None, ()
-  if moe_cfg.num_experts > 0:
-    moe_layers = vit.moe_layer_indices(moe_cfg.layers, settings['depth'])
-    moe = dict(
-      num_experts=moe_cfg.num_experts,
-      num_selected=moe_cfg.num_selected,
-      capacity_factor=moe_cfg.capacity_factor,
-      eval_capacity_factor=moe_cfg.eval_capacity_factor,
-      capacity_multiple=moe_cfg.capacity_multiple,
-      batch_priority=moe_cfg.batch_priority,
-      renormalize=moe_cfg.renormalize,
-      noise_std=moe_cfg.noise_std,
-      group_size=moe_cfg.group_size,
-      dispatch=moe_cfg.dispatch,
-      dropout_rate=moe_cfg.dropout,
-    )
-    if moe_cfg.mlp_dim is not None:
-      moe['mlp_dim'] = moe_cfg.mlp_dim
-  dtype = config.model.dtype
-  if dtype not in ('float32', 'bfloat16', 'float16'):
-    raise UserError(f"model dtype {dtype!r} is unknown; use 'float32' or 'bfloat16'.")
-  kwargs = dict(
-    num_classes=num_classes,
-    classifier=config.model.classifier,
-    stem=config.model.stem,
-    dropout_rate=config.model.dropout,
-    attention_dropout_rate=config.model.attention_dropout,
-    dtype=jnp.dtype(dtype),
-    moe=moe,
-    moe_layers=moe_layers,
-    aux_loss_weights={w: moe_cfg[w] for w in vit.AUX_LOSS_WEIGHTS.values()},
-    mesh=mesh if moe is not None else None,
-    **settings,
-  )
-  kwargs.update(overrides)
-  return vit.ViT(**kwargs)
-
-
-def count_params(params: Any) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-
-
-# --------------------------------------------------------------------------- steps
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0):
-  """Per-example softmax cross-entropy in float32: (B, classes), (B,) -> (B,)."""
-  num_classes = logits.shape[-1]
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-
-
-def _moe_summary(moe_metrics: dict, prefix: str) -> dict[str, jax.Array]:
-  """Per-layer MoE metrics as flat names, plus the mean dropped share."""
-  out = {}
-  for layer, layer_metrics in moe_metrics.items():
-    for name, value in layer_metrics.items():
-      out[f'{prefix}/moe/block_{layer:02d}/{name}'] = value
-  if moe_metrics:
-    out[f'{prefix}/moe_dropped'] = jnp.mean(jnp.stack([m['dropped'] for m in moe_metrics.values()]))
-  return out
-
-
-def _loss_and_metrics(params, model, images, labels, rngs, label_smoothing):
-  logits, extras = model.apply({'params': params}, images, train=True, rngs=rngs)
-  xent = jnp.mean(cross_entropy(logits, labels, label_smoothing))
-  loss = xent + extras['auxiliary_loss']
-  metrics = {
-    'train/loss': loss,
-    'train/xent': xent,
-    'train/aux_loss': extras['auxiliary_loss'],
-    'train/accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
-    **_moe_summary(extras['moe'], 'train'),
-  }
-  return loss, metrics
-
-
-def train_step(
-  state: TrainState,
-  batch,
-  *,
-  model,
-  tx,
-  schedule,
-  accum_steps: int = 1,
-  label_smoothing: float = 0.0,
-) -> tuple[TrainState, dict]:
-  """One optimizer step, averaging gradients over `accum_steps` micro-batches.
-
-  A step whose loss or gradients are not finite leaves params and optimizer
-  state unchanged and reports train/nonfinite = 1.
-  """
-  rng = jax.random.fold_in(state.rng, state.step)
-  grad_fn = jax.grad(_loss_and_metrics, has_aux=True)
-
-  def micro(i, images, labels):
-    key = jax.random.fold_in(rng, i)
-    rngs = {'dropout': jax.random.fold_in(key, 0), 'router': jax.random.fold_in(key, 1)}
-    return grad_fn(state.params, model, images, labels, rngs, label_smoothing)
-
-  if accum_steps == 1:
-    grads, metrics = micro(0, batch['image'], batch['label'])
-  else:
-    # Micro-batch i takes rows i, i + A, i + 2A, ...: every device keeps its share.
-    split = lambda x: jnp.swapaxes(x.reshape(-1, accum_steps, *x.shape[1:]), 0, 1)
-    images, labels = split(batch['image']), split(batch['label'])
-
-    def body(carry, inputs):
-      i, images_i, labels_i = inputs
-      grads_i, metrics_i = micro(i, images_i, labels_i)
-      return jax.tree.map(jnp.add, carry, (grads_i, metrics_i)), None
-
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro, 0, images[0], labels[0]))
-    (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), images, labels))
-    grads, metrics = jax.tree.map(lambda x: x / accum_steps, (grads, metrics))
-
-  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-  finite = jnp.isfinite(metrics['train/loss']) & jnp.isfinite(grad_norm)
-
-  def apply_update(_):
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return optax.apply_updates(state.params, updates), opt_state
-
-  # A cond, not a select: a finite step (the usual case) costs no extra pass
-  # over params and optimizer state.
-  params, opt_state = jax.lax.cond(
-    finite, apply_update, lambda _: (state.params, state.opt_state), None
-  )
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  metrics.update(
-    {
-      'train/grad_norm': grad_norm,
-      'train/learning_rate': schedule(state.step),
-      'train/nonfinite': 1.0 - finite.astype(jnp.float32),
-    }
-  )
-  return new_state, metrics
-
-
-def eval_step(params, batch, *, model) -> dict[str, jax.Array]:
-  """Sums over the valid rows of a batch: correct, loss, count, dropped share."""
-  logits, extras = model.apply({'params': params}, batch['image'], train=False)
-  mask = batch['mask']
-  out = {
-    'correct': jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask),
-    'loss': jnp.sum(cross_entropy(logits, batch['label']) * mask),
-    'count': jnp.sum(mask),
-  }
-  if extras['moe']:
-    dropped = jnp.mean(jnp.stack([m['dropped'] for m in extras['moe'].values()]))
-    out['dropped'] = dropped * jnp.sum(mask)
-  return out
 
 
 def evaluate(eval_fn, params, dataset: input_pipeline.Dataset, mesh) -> dict[str, float]:
@@ -280,55 +85,6 @@ def num_train_steps(config, dataset: input_pipeline.Dataset) -> tuple[int, float
       f'train.num_steps={config.train.num_steps}; set it > 0 or set train.num_epochs.'
     )
   return config.train.num_steps, steps_per_epoch
-
-
-def _param_init(config, model, image_shape):
-  """(init_params(key), boxed abstract params) of the unsharded twin of `model`.
-
-  The params are the sharded model's; they are initialised unsharded, on one
-  routing group of dummy images.
-  """
-  dummy = jnp.zeros((max(1, config.model.moe.group_size), *image_shape), jnp.float32)
-  model = model.clone(mesh=None)
-
-  def init_params(key):
-    return model.init({'params': key}, dummy, train=False)['params']
-
-  return init_params, jax.eval_shape(init_params, jax.random.key(0))
-
-
-def abstract_params(config, model, mesh, image_shape):
-  """Shapes, dtypes and shardings on `mesh` of the params of `model`."""
-  _, boxed = _param_init(config, model, image_shape)
-  specs = sharding.param_specs(boxed)
-  return jax.tree.map(
-    lambda a, spec: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec)),
-    nn.meta.unbox(boxed),
-    specs,
-  )
-
-
-def create_train_state(config, model, tx_fn, mesh, image_shape):
-  """Abstract state, its shardings and a jitted init that places it on `mesh`."""
-  init_params, boxed = _param_init(config, model, image_shape)
-  specs = sharding.param_specs(boxed)
-  abstract = nn.meta.unbox(boxed)
-  tx = tx_fn(abstract, sharding.expert_mask(specs))
-
-  def init(seed):
-    params_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
-    params = nn.meta.unbox(init_params(params_key))
-    return TrainState(
-      step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params), rng=state_key
-    )
-
-  abstract_state = jax.eval_shape(init, 0)
-  shardings = sharding.state_shardings(abstract_state, abstract, specs, mesh)
-  init_fn = jax.jit(init, static_argnums=0, out_shardings=shardings)
-  abstract_state = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
-  )
-  return tx, init_fn, abstract_state, shardings
 
 
 def config_to_json(config) -> dict:
@@ -433,9 +189,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   dataset = input_pipeline.create_dataset(config, jax.process_index(), jax.process_count())
   total_steps, steps_per_epoch = num_train_steps(config, dataset)
   schedule = schedules.from_config(config, total_steps, steps_per_epoch)
-  model = create_model(config, dataset.num_classes, mesh)
-  tx, init_fn, abstract_state, shardings = create_train_state(
-    config,
+  model = factory.create_model(config, dataset.num_classes, mesh)
+  tx, init_fn, abstract_state, shardings = steps.create_train_state(
     model,
     lambda p, m: optim.create_optimizer(config, schedule, p, m),
     mesh,
@@ -461,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log.info('%s already holds a run finished at step %d; nothing to do.', workdir, start_step)
     with open(finished) as f:
       return json.load(f)
-  num_params = count_params(state.params)
+  num_params = factory.count_params(state.params)
   log.info(
     'Model: %s parameters; %d steps (%.1f epochs) from step %d.',
     f'{num_params:,}',
@@ -472,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   train_fn = jax.jit(
     functools.partial(
-      train_step,
+      steps.train_step,
       model=model,
       tx=tx,
       schedule=schedule,
@@ -482,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     donate_argnums=0,
     out_shardings=(shardings, None),
   )
-  eval_fn = jax.jit(functools.partial(eval_step, model=model))
+  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model))
   fewshot_fn = fewshot.make_feature_fn(model, mesh) if config.fewshot.every >= 0 else None
   writer = metrics_lib.MetricWriter(workdir, enabled=is_writer)
   progress = metrics_lib.Progress(total_steps, start_step, config.input.batch_size)

@@ -9,7 +9,6 @@ Size names like "S/16" ("variant/patch") are decoded in one place,
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -19,6 +18,8 @@ from jax.sharding import Mesh
 
 from vmoe_jax.errors import UserError
 from vmoe_jax.moe import layer as moe_layer
+from vmoe_jax.moe.spec import AUX_LOSS_WEIGHTS
+from vmoe_jax.moe.spec import MoeSpec
 
 # Width, depth, heads, MLP width (Dosovitskiy et al. 2021; Ti and S from
 # Touvron et al. 2021; "M" as in big_vision).
@@ -29,14 +30,6 @@ VARIANTS = {
   'B': dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
   'L': dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
   'H': dict(width=1280, depth=32, num_heads=16, mlp_dim=5120),
-}
-
-# Names of the auxiliary losses of MoE layers and the config key of their weight.
-AUX_LOSS_WEIGHTS = {
-  'load_balancing_loss': 'load_balance_weight',
-  'importance_loss': 'importance_weight',
-  'load_loss': 'load_weight',
-  'z_loss': 'z_loss_weight',
 }
 
 
@@ -151,11 +144,13 @@ class EncoderBlock(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   dtype: Any = jnp.float32
-  moe: Mapping[str, Any] | None = None
+  moe: MoeSpec | None = None  # Set for the blocks whose MLP is an MoE layer.
   mesh: Mesh | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool) -> tuple[jax.Array, dict | None]:
+  def __call__(
+    self, x: jax.Array, *, deterministic: bool, mask=None
+  ) -> tuple[jax.Array, dict | None]:
     y = nn.LayerNorm(dtype=self.dtype, name='norm_attention')(x)
     y = nn.MultiHeadDotProductAttention(
       num_heads=self.num_heads,
@@ -169,11 +164,9 @@ class EncoderBlock(nn.Module):
     y = nn.LayerNorm(dtype=self.dtype, name='norm_mlp')(x)
     metrics = None
     if self.moe is not None:
-      moe = dict(self.moe)
-      mlp_dim = moe.pop('mlp_dim', None) or self.mlp_dim  # Experts may be narrower.
-      y, metrics = moe_layer.MoeMlp(
-        mlp_dim=mlp_dim, dtype=self.dtype, mesh=self.mesh, name='moe', **moe
-      )(y, deterministic=deterministic)
+      y, metrics = moe_layer.MoeMlp(self.moe, dtype=self.dtype, mesh=self.mesh, name='moe')(
+        y, deterministic=deterministic, mask=mask
+      )
     else:
       y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name='mlp')(
         y, deterministic=deterministic
@@ -201,13 +194,16 @@ class ViT(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   dtype: Any = jnp.float32
-  moe: Mapping[str, Any] | None = None  # MoeMlp attributes (see config.model.moe).
-  moe_layers: tuple[int, ...] = ()
-  aux_loss_weights: Mapping[str, float] | None = None
+  moe: MoeSpec | None = None  # The MoE layers (blocks moe.layers); None: dense.
   mesh: Mesh | None = None
 
+  @property
+  def moe_layers(self) -> tuple[int, ...]:
+    return self.moe.layers if self.moe is not None else ()
+
   @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool) -> tuple[jax.Array, dict]:
+  def __call__(self, images: jax.Array, *, train: bool, mask=None) -> tuple[jax.Array, dict]:
+    """images (B, H, W, C), mask (B,) (0 for padding rows, evaluation) -> logits, extras."""
     if self.classifier not in ('token', 'gap'):
       raise UserError(f"classifier={self.classifier!r} is unknown; use 'token' or 'gap'.")
     deterministic = not train
@@ -244,7 +240,7 @@ class ViT(nn.Module):
         moe=self.moe if i in self.moe_layers else None,
         mesh=self.mesh,
         name=f'block_{i:02d}',
-      )(x, deterministic=deterministic)
+      )(x, deterministic=deterministic, mask=mask)
       if metrics is not None:
         moe_metrics[i] = metrics
     x = nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
@@ -254,11 +250,11 @@ class ViT(nn.Module):
       self.num_classes, kernel_init=nn.initializers.zeros, dtype=jnp.float32, name='head'
     )(pre_logits)
 
-    weights = self.aux_loss_weights or {}
     auxiliary_loss = jnp.zeros((), jnp.float32)
     for metrics in moe_metrics.values():
       for loss_name, weight_name in AUX_LOSS_WEIGHTS.items():
-        if weights.get(weight_name, 0.0):
-          auxiliary_loss += weights[weight_name] * metrics[loss_name]
+        weight = getattr(self.moe, weight_name)
+        if weight:
+          auxiliary_loss += weight * metrics[loss_name]
     extras = {'pre_logits': pre_logits, 'auxiliary_loss': auxiliary_loss, 'moe': moe_metrics}
     return logits, extras

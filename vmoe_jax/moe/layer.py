@@ -2,19 +2,23 @@
 
 Axis letters: B images, T tokens per image, G groups, S = N * T tokens per
 group (N images per group), E experts, K selected, C capacity, D width,
-H expert hidden width, n expert shards (size of the `expert` mesh axis).
+H expert hidden width, R router logits per token, n expert shards (size of
+the `expert` mesh axis).
 
-Data flow of one layer (DESIGN.md, "Dispatch and expert parallelism"):
+Data flow of one layer (docs/design.md, "Dispatch and expert parallelism"):
 
-  outside shard_map: router noise (B, T, E), drawn for the global batch so
+  outside shard_map: router noise (B, T, R), drawn for the global batch so
   that a sharded run sees the same noise as an unsharded one.
   inside shard_map, on every device with its local images:
     (B_l, T, D) -> groups (G_l, S, D)
-    -> router logits (f32) -> gates -> `route` -> losses and metrics
+    -> router logits (float32) -> the router of `spec.router`
+       (`vmoe_jax.moe.routers`): a dispatch plan, losses and metrics
     -> dispatch (G_l, E, C, D) -> (E, G_l*C, D)
     -> all_to_all over `expert` -> (E/n, n*G_l*C, D)   [each device: its experts]
     -> expert MLPs (in `dtype`)
     -> all_to_all back -> (E, G_l*C, D) -> combine -> (B_l, T, D)
+  The dropless router has no capacity buffers: its assignments are sorted by
+  expert and run as a grouped matmul (`vmoe_jax.moe.dropless`).
 
 Without a mesh, the same function runs on the whole batch with no collective:
 this is the unsharded reference that the sharded layer must match.
@@ -23,7 +27,6 @@ this is the unsharded reference that the sharded layer must match.
 from __future__ import annotations
 
 from typing import Any
-from typing import NamedTuple
 
 import einops
 import flax.linen as nn
@@ -33,58 +36,48 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from vmoe_jax.errors import UserError
-from vmoe_jax.moe import dispatch as dispatch_lib
-from vmoe_jax.moe import losses
+from vmoe_jax.moe import dropless
+from vmoe_jax.moe import plans
+from vmoe_jax.moe import routers
 from vmoe_jax.moe import routing as routing_lib
+from vmoe_jax.moe.spec import MoeSpec
 
 DATA_AXIS = 'data'
 EXPERT_AXIS = 'expert'
 BATCH_AXES = (DATA_AXIS, EXPERT_AXIS)  # The batch is split over both mesh axes.
+EXPERT_PARAMS = ('wi', 'bi', 'wo', 'bo')
 
 
-class RoutingConfig(NamedTuple):
-  """Static settings of one forward pass of the layer."""
+def group_tokens(x, mask, group_size: int):
+  """(B_l, T, D), (B_l,) -> (G, N*T, D), (G, N*T) with N = group_size images (0: all B_l)."""
+  batch, tokens, width = x.shape
+  images_per_group = group_size or batch
+  if batch % images_per_group:
+    raise UserError(
+      f'model.moe.group_size={group_size} images does not divide the {batch} images of a '
+      'device; set --config.model.moe.group_size to a divisor of the per-device batch.'
+    )
+  num_groups = batch // images_per_group
+  xg = x.reshape(num_groups, images_per_group * tokens, width)
+  if mask is None:
+    return xg, None
+  token_mask = jnp.broadcast_to(mask.astype(jnp.bool_)[:, None], (batch, tokens))
+  return xg, token_mask.reshape(num_groups, images_per_group * tokens)
 
-  num_experts: int
-  num_selected: int
-  capacity_factor: float
-  capacity_multiple: int
-  batch_priority: bool
-  renormalize: bool
-  group_size: int  # Images per group; 0: all images of a device.
-  dispatch: str
-  noise_std: float  # Std of the noise added to the logits (already / E).
-  dropout_rate: float
-  dtype: Any
 
+def router_logits(xg, params, router: routers.Router):
+  """(G, S, D) -> (G, S, R) float32, whatever the model dtype.
 
-def route_groups(xg, router, noise, cfg: RoutingConfig):
-  """Router and routing of groups: (G, S, D) -> logits, noisy logits, gates, Routing, C.
-
-  The router runs in float32 whatever the model dtype.
+  x @ W_r, or for normalised routers (Soft MoE, Puigcerver et al. 2023,
+  Sec. 2.3) scale * <x / |x|, w_r / |w_r|>.
   """
-  num_groups, group_tokens, _ = xg.shape
-  logits = jnp.einsum('gsd,de->gse', xg.astype(jnp.float32), router.astype(jnp.float32))
-  noisy_logits = logits if noise is None else logits + noise.reshape(logits.shape)
-  gates = jax.nn.softmax(noisy_logits, axis=-1)
-  capacity = routing_lib.compute_capacity(
-    group_tokens, cfg.num_experts, cfg.num_selected, cfg.capacity_factor, cfg.capacity_multiple
-  )
-  routing = routing_lib.route(
-    gates,
-    num_selected=cfg.num_selected,
-    capacity=capacity,
-    batch_priority=cfg.batch_priority,
-    renormalize=cfg.renormalize,
-  )
-  return logits, noisy_logits, gates, routing, capacity
-
-
-def dispatch_to_buffers(xg, routing, cfg: RoutingConfig, capacity: int):
-  """Tokens into expert buffers, experts first: (G, S, D) -> (E, G*C, D)."""
-  dispatch_fn, _ = dispatch_lib.DISPATCHERS[cfg.dispatch]
-  buffers = dispatch_fn(xg, routing, cfg.num_experts, capacity)  # (G, E, C, D)
-  return einops.rearrange(buffers, 'g e c d -> e (g c) d')
+  x = xg.astype(jnp.float32)
+  weights = params['router'].astype(jnp.float32)
+  if router.normalized:
+    x = x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + 1e-6)
+    weights = weights * jax.lax.rsqrt(jnp.sum(jnp.square(weights), axis=0, keepdims=True) + 1e-6)
+    weights = weights * params['router_scale'].astype(jnp.float32)
+  return jnp.einsum('gsd,dr->gsr', x, weights)
 
 
 def exchange(buffers, num_shards: int, to_experts: bool):
@@ -112,91 +105,85 @@ def expert_mlp(buffers, params, dropout_key, rate, dtype):
   return jnp.einsum('emh,ehd->emd', h, wo) + params['bo'][:, None, :].astype(dtype)
 
 
-def combine_from_buffers(out, routing, cfg: RoutingConfig, num_groups: int):
-  """Expert outputs back to tokens: (E, G*C, D) -> (G, S, D)."""
-  _, combine_fn = dispatch_lib.DISPATCHERS[cfg.dispatch]
-  out = einops.rearrange(out, 'e (g c) d -> g e c d', g=num_groups)
-  return combine_fn(out, routing)
+def run_buffers(xg, plan, params, dropout_key, *, spec: MoeSpec, dtype, num_shards: int):
+  """Dispatch, experts (across shards), combine: (G, S, D) -> (G, S, D)."""
+  num_groups, num_tokens, _ = xg.shape
+  if spec.dispatch == 'einsum' and isinstance(plan, plans.SlotPlan):
+    plan = plans.to_dense(plan, num_tokens)
+  with jax.named_scope('moe_dispatch'):
+    buffers = plans.dispatch(xg, plan)  # (G, E, C, D)
+    buffers = einops.rearrange(buffers, 'g e c d -> e (g c) d')
+  with jax.named_scope('moe_all_to_all'):
+    buffers = exchange(buffers, num_shards, to_experts=True)  # (E/n, n*G*C, D)
+  with jax.named_scope('moe_experts'):
+    out = expert_mlp(buffers, params, dropout_key, spec.dropout, dtype)
+  with jax.named_scope('moe_all_to_all'):
+    out = exchange(out, num_shards, to_experts=False)  # (E, G*C, D)
+  with jax.named_scope('moe_combine'):
+    out = einops.rearrange(out, 'e (g c) d -> g e c d', g=num_groups)
+    return plans.combine(out, plan, num_tokens)
 
 
-def group_tokens(x, group_size: int):
-  """(B_l, T, D) -> (G, N*T, D) with N = group_size images (0: all B_l)."""
-  batch, tokens, width = x.shape
-  images_per_group = group_size or batch
-  if batch % images_per_group:
-    raise UserError(
-      f'group_size={group_size} images does not divide the {batch} images of a device; '
-      'set --config.model.moe.group_size to a divisor of the per-device batch.'
-    )
-  return x.reshape(batch // images_per_group, images_per_group * tokens, width)
-
-
-def moe_forward(x, params, noise, dropout_key, *, cfg: RoutingConfig, mesh_axes: dict | None):
+def moe_forward(x, mask, params, noise, dropout_key, *, spec: MoeSpec, train: bool, mesh_axes):
   """The MoE MLP on the images of one device (or all images when unsharded).
 
   Args:
     x: (B_l, T, D) in the model dtype.
-    params: router (D, E) float32; wi (E_l, D, H), bi (E_l, H), wo (E_l, H, D),
-      bo (E_l, D): the experts this device holds.
-    noise: (B_l, T, E) float32 router noise, or None.
+    mask: (B_l,) bool/float, 0 for padding images, or None.
+    params: router (D, R) float32 (and router_scale for normalised routers);
+      wi (E_l, D, H), bi (E_l, H), wo (E_l, H, D), bo (E_l, D): the experts
+      this device holds.
+    noise: (B_l, T, R) float32 router noise, or None.
     dropout_key: PRNG key for the expert dropout, or None.
-    cfg: static routing settings.
+    spec: the MoE spec; train: training or evaluation routing.
     mesh_axes: None when unsharded; else {'expert': n, 'data': m}, the sizes
       of the mesh axes (the function then runs inside shard_map).
 
   Returns:
     y: (B_l, T, D); a dict of float32 metrics (scalars and (E,) vectors),
-    averaged over all devices; and the `Routing` of every token, (B_l, T, K)
-    arrays (slots count within the token's group).
-
-  The phases carry named scopes (moe_route, moe_dispatch, moe_all_to_all,
-  moe_experts, moe_combine) that show up in profiles.
+    averaged over all devices; and the router's per-token view, a `Routing`
+    of (B_l, T, K') arrays (slots count within the token's group).
   """
   batch, tokens, width = x.shape
-  xg = group_tokens(x, cfg.group_size)
-  num_groups = xg.shape[0]
+  xg, token_mask = group_tokens(x, mask, spec.group_size)
   num_shards = mesh_axes[EXPERT_AXIS] if mesh_axes else 1
+  router = routers.ROUTERS[spec.router]
   with jax.named_scope('moe_route'):
-    logits, noisy_logits, gates, routing, capacity = route_groups(xg, params['router'], noise, cfg)
-  with jax.named_scope('moe_dispatch'):
-    buffers = dispatch_to_buffers(xg, routing, cfg, capacity)  # (E, G*C, D)
-  with jax.named_scope('moe_all_to_all'):
-    buffers = exchange(buffers, num_shards, to_experts=True)  # (E/n, n*G*C, D)
+    logits = router_logits(xg, params, router)
+    inputs = routers.RouterInputs(
+      logits=logits,
+      noise=None if noise is None else noise.reshape(logits.shape),
+      mask=token_mask,
+      tokens_per_image=tokens,
+      train=train,
+    )
+    plan, metrics, view = router.route(inputs, spec)
   if dropout_key is not None and mesh_axes:
     device = jax.lax.axis_index(DATA_AXIS) * num_shards + jax.lax.axis_index(EXPERT_AXIS)
     dropout_key = jax.random.fold_in(dropout_key, device)
-  with jax.named_scope('moe_experts'):
-    out = expert_mlp(buffers, params, dropout_key, cfg.dropout_rate, cfg.dtype)
-  with jax.named_scope('moe_all_to_all'):
-    out = exchange(out, num_shards, to_experts=False)  # (E, G*C, D)
-  with jax.named_scope('moe_combine'):
-    y = combine_from_buffers(out, routing, cfg, num_groups)
-    y = y.reshape(batch, tokens, width).astype(x.dtype)
-
-  metrics = _metrics(logits, noisy_logits, gates, routing, cfg)
+  expert_params = {k: params[k] for k in EXPERT_PARAMS}
+  xg = xg.astype(x.dtype)
+  if isinstance(plan, dropless.SortedPlan):
+    with jax.named_scope('moe_experts'):
+      y = dropless.forward(
+        xg,
+        plan,
+        expert_params,
+        block_size=spec.block_size,
+        dtype=x.dtype,
+        dropout_key=dropout_key,
+        rate=spec.dropout,
+        num_shards=num_shards,
+      )
+  else:
+    y = run_buffers(
+      xg, plan, expert_params, dropout_key, spec=spec, dtype=x.dtype, num_shards=num_shards
+    )
+  y = y.reshape(batch, tokens, width).astype(x.dtype)
   if mesh_axes:
     metrics = jax.lax.pmean(metrics, BATCH_AXES)
-  # Per-token routing, back in image layout: (B_l, T, K) each.
-  per_token = routing_lib.Routing(*(a.reshape(batch, tokens, -1) for a in routing))
+  per_token = routing_lib.Routing(*(a.reshape(batch, tokens, -1) for a in view))
   return y, metrics, per_token
-
-
-def _metrics(logits, noisy_logits, gates, routing, cfg: RoutingConfig) -> dict[str, jax.Array]:
-  """Auxiliary losses and routing statistics of the local groups (float32)."""
-  num_experts = cfg.num_experts
-  chosen = jax.nn.one_hot(routing.expert_index, num_experts, dtype=jnp.float32)  # (G, S, K, E)
-  return {
-    'load_balancing_loss': losses.load_balancing_loss(gates, routing.expert_index[..., 0]),
-    'importance_loss': losses.importance_loss(gates),
-    'load_loss': losses.load_loss(logits, noisy_logits, cfg.noise_std, cfg.num_selected),
-    'z_loss': losses.z_loss(logits),
-    # Share of (token, choice) assignments dropped for lack of capacity.
-    # (Counted directly, not as 1 - kept, so that none dropped is exactly 0.)
-    'dropped': jnp.mean((routing.slot < 0).astype(jnp.float32)),
-    # Share of the assignments that chose each expert, before capacity: (E,).
-    'expert_load': jnp.mean(chosen, axis=(0, 1, 2)),
-    'top1_gate': jnp.mean(jnp.max(gates, axis=-1)),
-  }
 
 
 def check_divisible(num_experts: int, mesh: Mesh | None) -> None:
@@ -215,100 +202,77 @@ def check_divisible(num_experts: int, mesh: Mesh | None) -> None:
 class MoeMlp(nn.Module):
   """Sparse Mixture-of-Experts MLP: (B, T, D) -> (B, T, D), plus metrics.
 
-  Attributes mirror `config.model.moe` (see `vmoe_jax.config_defaults`).
-  `noise_std` is in units of 1/E: the noise std is `noise_std / num_experts`.
-  With a `mesh`, expert weights are sharded over its `expert` axis and the
-  layer runs in `jax.shard_map`; without one it runs unsharded.
+  `spec` holds every setting (`vmoe_jax.moe.spec.MoeSpec`). With a `mesh`,
+  expert weights are sharded over its `expert` axis and the layer runs in
+  `jax.shard_map`; without one it runs unsharded.
   """
 
-  num_experts: int
-  mlp_dim: int
-  num_selected: int = 1
-  capacity_factor: float = 1.25
-  eval_capacity_factor: float | None = None
-  capacity_multiple: int = 1
-  batch_priority: bool = False
-  renormalize: bool = False
-  noise_std: float = 0.0
-  group_size: int = 0
-  dispatch: str = 'indices'
-  dropout_rate: float = 0.0
+  spec: MoeSpec
   dtype: Any = jnp.float32
   mesh: Mesh | None = None
 
-  @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool) -> tuple[jax.Array, dict]:
-    batch, tokens, width = x.shape
-    num_experts = self.num_experts
-    if self.dispatch not in dispatch_lib.DISPATCHERS:
-      raise UserError(
-        f'dispatch={self.dispatch!r} is unknown; use one of {sorted(dispatch_lib.DISPATCHERS)}.'
-      )
-    check_divisible(num_experts, self.mesh)
+  def _params(self, width: int, num_logits: int, router: routers.Router) -> dict:
+    spec = self.spec
+    experts = spec.num_experts
     expert_axes = (EXPERT_AXIS, None, None)
     kernel_init = nn.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
-    params = {
-      'router': self.param(
-        'router',
-        nn.initializers.variance_scaling(0.1, 'fan_in', 'truncated_normal'),
-        (width, num_experts),
-        jnp.float32,
-      ),
-      'wi': self.param(
-        'wi', nn.with_partitioning(kernel_init, expert_axes), (num_experts, width, self.mlp_dim)
-      ),
-      'bi': self.param(
-        'bi',
-        nn.with_partitioning(nn.initializers.normal(1e-6), (EXPERT_AXIS, None)),
-        (num_experts, self.mlp_dim),
-      ),
-      'wo': self.param(
-        'wo', nn.with_partitioning(kernel_init, expert_axes), (num_experts, self.mlp_dim, width)
-      ),
-      'bo': self.param(
-        'bo',
-        nn.with_partitioning(nn.initializers.normal(1e-6), (EXPERT_AXIS, None)),
-        (num_experts, width),
-      ),
-    }
-    noise_std = self.noise_std / num_experts
+    bias_init = nn.with_partitioning(nn.initializers.normal(1e-6), (EXPERT_AXIS, None))
+    if router.normalized:  # Soft MoE: unit-norm slot parameters and a learned scale.
+      params = {
+        'router': self.param(
+          'router', nn.initializers.lecun_normal(), (width, num_logits), jnp.float32
+        ),
+        'router_scale': self.param('router_scale', nn.initializers.ones, (), jnp.float32),
+      }
+    else:
+      # Truncated normal with a 10x smaller scale than usual (Fedus et al. 2021,
+      # "Switch Transformers", Sec. 2.4: s = 0.1 of the fan-in variance).
+      router_init = nn.initializers.variance_scaling(0.1, 'fan_in', 'truncated_normal')
+      params = {'router': self.param('router', router_init, (width, num_logits), jnp.float32)}
+    params['wi'] = self.param(
+      'wi', nn.with_partitioning(kernel_init, expert_axes), (experts, width, spec.mlp_dim)
+    )
+    params['bi'] = self.param('bi', bias_init, (experts, spec.mlp_dim))
+    params['wo'] = self.param(
+      'wo', nn.with_partitioning(kernel_init, expert_axes), (experts, spec.mlp_dim, width)
+    )
+    params['bo'] = self.param('bo', bias_init, (experts, width))
+    return params
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool, mask=None) -> tuple[jax.Array, dict]:
+    batch, tokens, width = x.shape
+    spec = self.spec
+    check_divisible(spec.num_experts, self.mesh)
+    router = routers.ROUTERS[spec.router]
+    devices = self.mesh.size if self.mesh is not None else 1
+    group_tokens_count = spec.images_per_group(max(1, batch // devices)) * tokens
+    num_logits = router.num_logits(spec, group_tokens_count)
+    params = self._params(width, num_logits, router)
     noise = None
-    if not deterministic and noise_std > 0:
-      noise = noise_std * jax.random.normal(
-        self.make_rng('router'), (batch, tokens, num_experts), jnp.float32
+    if not deterministic and spec.noise_std > 0 and router.uses_noise:
+      noise = (spec.noise_std / spec.num_experts) * jax.random.normal(
+        self.make_rng('router'), (batch, tokens, num_logits), jnp.float32
       )
     dropout_key = None
-    if not deterministic and self.dropout_rate > 0:
+    if not deterministic and spec.dropout > 0:
       dropout_key = self.make_rng('dropout')
-    capacity_factor = self.capacity_factor
-    if deterministic and self.eval_capacity_factor is not None:
-      capacity_factor = self.eval_capacity_factor
-    cfg = RoutingConfig(
-      num_experts=num_experts,
-      num_selected=self.num_selected,
-      capacity_factor=capacity_factor,
-      capacity_multiple=self.capacity_multiple,
-      batch_priority=self.batch_priority,
-      renormalize=self.renormalize,
-      group_size=self.group_size,
-      dispatch=self.dispatch,
-      noise_std=noise_std if noise is not None else 0.0,
-      dropout_rate=self.dropout_rate,
-      dtype=self.dtype,
-    )
     x = x.astype(self.dtype)
+    train = not deterministic
     if self.mesh is None or self.mesh.size == 1:  # One device: no collectives to run.
-      y, metrics, per_token = moe_forward(x, params, noise, dropout_key, cfg=cfg, mesh_axes=None)
+      y, metrics, per_token = moe_forward(
+        x, mask, params, noise, dropout_key, spec=spec, train=train, mesh_axes=None
+      )
     else:
       y, metrics, per_token = _sharded_forward(
-        x, params, noise, dropout_key, cfg=cfg, mesh=self.mesh
+        x, mask, params, noise, dropout_key, spec=spec, train=train, mesh=self.mesh
       )
     # Kept for analysis (routing maps): apply(..., mutable=['intermediates']).
     self.sow('intermediates', 'routing', per_token)
     return y, metrics
 
 
-def _sharded_forward(x, params, noise, dropout_key, *, cfg: RoutingConfig, mesh: Mesh):
+def _sharded_forward(x, mask, params, noise, dropout_key, *, spec, train, mesh: Mesh):
   """`moe_forward` in shard_map: batch over ('data', 'expert'), experts over 'expert'."""
   num_devices = mesh.size
   if x.shape[0] % num_devices:
@@ -317,30 +281,27 @@ def _sharded_forward(x, params, noise, dropout_key, *, cfg: RoutingConfig, mesh:
       f'mesh {dict(mesh.shape)}; use a batch size that is a multiple of {num_devices}.'
     )
   batch_spec = P(BATCH_AXES)
-  param_specs = {
-    'router': P(),
-    'wi': P(EXPERT_AXIS),
-    'bi': P(EXPERT_AXIS),
-    'wo': P(EXPERT_AXIS),
-    'bo': P(EXPERT_AXIS),
-  }
+  param_specs = {k: (P(EXPERT_AXIS) if k in EXPERT_PARAMS else P()) for k in params}
   # Optional inputs are bound outside the mapped function so that the
   # argument pytree and its specs always match.
-  args, specs = [x, params], [batch_spec, param_specs]
-  if noise is not None:
-    args.append(noise)
-    specs.append(batch_spec)
-  if dropout_key is not None:
-    args.append(dropout_key)
-    specs.append(P())
-  has_noise, has_key = noise is not None, dropout_key is not None
+  optional = {'mask': mask, 'noise': noise, 'dropout_key': dropout_key}
+  present = [name for name, value in optional.items() if value is not None]
+  args = [x, params, *(optional[name] for name in present)]
+  specs = [batch_spec, param_specs, *(P() if n == 'dropout_key' else batch_spec for n in present)]
   mesh_axes = dict(mesh.shape)
 
-  def local(*local_args):
-    x_l, params_l, *rest = local_args
-    noise_l = rest.pop(0) if has_noise else None
-    key_l = rest.pop(0) if has_key else None
-    return moe_forward(x_l, params_l, noise_l, key_l, cfg=cfg, mesh_axes=mesh_axes)
+  def local(x_l, params_l, *rest):
+    values = dict(zip(present, rest))
+    return moe_forward(
+      x_l,
+      values.get('mask'),
+      params_l,
+      values.get('noise'),
+      values.get('dropout_key'),
+      spec=spec,
+      train=train,
+      mesh_axes=mesh_axes,
+    )
 
   mapped = jax.shard_map(
     local, mesh=mesh, in_specs=tuple(specs), out_specs=(batch_spec, P(), batch_spec), check_vma=True

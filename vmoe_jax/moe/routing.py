@@ -122,22 +122,53 @@ def assign_slots(expert_index: jax.Array, rank: jax.Array, num_experts: int) -> 
   return slot.reshape(num_groups, num_tokens, num_selected)
 
 
+def effective_capacity(
+  mask: jax.Array | None,
+  num_experts: int,
+  num_selected: int,
+  capacity_factor: float,
+  multiple_of: int = 1,
+) -> jax.Array | None:
+  """The capacity of every group when only its unmasked tokens count: (G, S) -> (G,) int32.
+
+  `compute_capacity` of the number of real tokens of each group (a lookup in
+  a table of the S + 1 possible counts, so that it is exactly the static
+  capacity when nothing is masked): with padded evaluation batches, the real
+  rows route exactly as in an unpadded batch. None without a mask.
+  """
+  if mask is None:
+    return None
+  num_tokens = mask.shape[-1]
+  table = jnp.array(
+    [
+      compute_capacity(max(n, 1), num_experts, num_selected, capacity_factor, multiple_of)
+      for n in range(num_tokens + 1)
+    ],
+    jnp.int32,
+  )
+  return table[jnp.sum(mask.astype(jnp.int32), axis=-1)]
+
+
 def route(
   gates: jax.Array,
   *,
   num_selected: int,
-  capacity: int,
+  capacity: int | jax.Array,
   batch_priority: bool = False,
   renormalize: bool = False,
+  mask: jax.Array | None = None,
 ) -> Routing:
   """Routes tokens to experts: gates (G, S, E) or (S, E) -> Routing (G, S, K) or (S, K).
 
   Args:
     gates: router probabilities (softmax of the logits), float32.
     num_selected: K, experts per token (1: Switch, 2: V-MoE).
-    capacity: C, slots per expert and group (see `compute_capacity`).
+    capacity: C, slots per expert and group (see `compute_capacity`), or a
+      (G,) array of per-group capacities (see `effective_capacity`).
     batch_priority: use Batch Prioritized Routing instead of token order.
     renormalize: divide the K selected gates by their sum.
+    mask: (G, S) or (S,) bool, False for padding tokens: they take no slot,
+      displace no real token and get combine weight 0.
 
   Returns:
     A `Routing`: expert index, slot (-1 when dropped) and combine weight
@@ -146,6 +177,7 @@ def route(
   squeeze = gates.ndim == 2
   if squeeze:
     gates = gates[None]
+    mask = None if mask is None else mask[None]
   if gates.ndim != 3:
     raise ValueError(f'gates must be (G, S, E) or (S, E), got shape {gates.shape}.')
   num_experts = gates.shape[-1]
@@ -156,8 +188,16 @@ def route(
   weights = gate_values
   if renormalize:
     weights = gate_values / jnp.sum(gate_values, axis=-1, keepdims=True)
-  slot = assign_slots(expert_index, rank, num_experts)
-  kept = slot < capacity
+  if mask is None:
+    slot = assign_slots(expert_index, rank, num_experts)
+  else:
+    # Padding goes to a virtual expert E: it counts towards no real expert's slots.
+    virtual = jnp.where(mask[..., None], expert_index, num_experts)
+    slot = assign_slots(virtual, rank, num_experts + 1)
+  capacity = jnp.asarray(capacity)
+  kept = slot < (capacity[:, None, None] if capacity.ndim else capacity)
+  if mask is not None:
+    kept = kept & mask[..., None]
   routing = Routing(
     expert_index=expert_index,
     slot=jnp.where(kept, slot, -1),
