@@ -2,17 +2,20 @@
 
 `metrics.jsonl` in the workdir gets one JSON object per logged step
 ({"step": 100, "train/loss": 0.31, ...}); TensorBoard event files go to
-`workdir/tensorboard`. The TensorBoard writer needs only the `tensorboard`
-package's protos (not TensorFlow) and is skipped when they are missing.
+`workdir/tensorboard`, written with the `tensorboard` package's protos and
+record writer (TensorFlow is never imported) and skipped when it is missing.
+A writer opened with the step a run resumes from drops what the run replays
+from both, so that a resumed run logs each step once.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
 import os
-import struct
+import socket
 import time
 from collections.abc import Mapping
 
@@ -21,61 +24,67 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 METRICS_FILE = 'metrics.jsonl'
-
-
-def _crc32c_table() -> list[int]:
-  table = []
-  for i in range(256):
-    crc = i
-    for _ in range(8):
-      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    table.append(crc)
-  return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def _masked_crc32c(data: bytes) -> int:
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  crc ^= 0xFFFFFFFF
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+_EVENTS_PREFIX = 'events.out.tfevents.'
 
 
 class TensorBoardWriter:
-  """Writes scalar summaries as a TFRecord file of `Event` protos."""
+  """Scalar summaries appended to a new TensorBoard event file in `logdir`.
 
-  def __init__(self, logdir: str):
-    from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
-    from tensorboard.compat.proto import summary_pb2  # pylint: disable=g-import-not-at-top
+  Records are framed and checksummed by the `tensorboard` package's own
+  `RecordWriter` over a plain file. Its `EventFileWriter` is not used: it goes
+  through `tensorboard.compat.tf`, which imports TensorFlow whenever that is
+  installed (seconds of start-up in a JAX process).
+
+  With `restart_step`, the file starts with a `SessionLog.START` event at that
+  step: TensorBoard's Python loaders then drop the events of earlier files
+  with step >= `restart_step` (`EventAccumulator` on every START,
+  `plugin_event_accumulator` on every START after a run's first).
+  """
+
+  def __init__(self, logdir: str, restart_step: int | None = None):
+    # pylint: disable=g-import-not-at-top
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.compat.proto import summary_pb2
+    from tensorboard.summary.writer import record_writer
 
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
     os.makedirs(logdir, exist_ok=True)
-    name = f'events.out.tfevents.{int(time.time())}.{os.uname().nodename}.{os.getpid()}'
-    self._file = open(os.path.join(logdir, name), 'ab')
-    self._write(self._event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
+    self.path = os.path.join(logdir, _event_file_name(logdir))
+    self._records = record_writer.RecordWriter(open(self.path, 'xb'))
+    self._write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
+    if restart_step is not None:
+      start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+      self._write(event_pb2.Event(wall_time=time.time(), step=restart_step, session_log=start))
 
   def _write(self, event) -> None:
-    data = event.SerializeToString()
-    header = struct.pack('<Q', len(data))
-    self._file.write(header + struct.pack('<I', _masked_crc32c(header)))
-    self._file.write(data + struct.pack('<I', _masked_crc32c(data)))
+    self._records.write(event.SerializeToString())
+    self._records.flush()
 
   def scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     values = [
       self._summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in scalars.items()
     ]
-    self._write(
-      self._event_pb2.Event(
-        wall_time=time.time(), step=int(step), summary=self._summary_pb2.Summary(value=values)
-      )
-    )
-    self._file.flush()
+    summary = self._summary_pb2.Summary(value=values)
+    self._write(self._event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
   def close(self) -> None:
-    self._file.close()
+    self._records.close()
+
+
+def _event_file_name(logdir: str) -> str:
+  """`events.out.tfevents.<seconds>.<host>.<pid>`, sorting after the event files already there.
+
+  TensorBoard reads a run's event files in name order; the 10-digit seconds
+  come first, so a later second keeps a resumed run's file (and its START
+  event) after the earlier ones, even within the same second or with a clock
+  behind the previous host's.
+  """
+  seconds = int(time.time())
+  for path in glob.glob(os.path.join(logdir, _EVENTS_PREFIX + '*')):
+    stamp = os.path.basename(path)[len(_EVENTS_PREFIX) :].split('.', 1)[0]
+    if stamp.isdigit():
+      seconds = max(seconds, int(stamp) + 1)
+  return f'{_EVENTS_PREFIX}{seconds:010d}.{socket.gethostname()}.{os.getpid()}'
 
 
 def to_scalars(metrics: Mapping[str, object]) -> dict[str, float]:
@@ -92,18 +101,32 @@ def to_scalars(metrics: Mapping[str, object]) -> dict[str, float]:
 
 
 class MetricWriter:
-  """JSONL + TensorBoard writer; a no-op on processes other than the writer."""
+  """JSONL + TensorBoard writer; a no-op on processes other than the writer.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  `resume_step`: the step the run resumes from (0 for a fresh run). The
+  records of `metrics.jsonl` after it, which the run is about to replay, are
+  dropped first (and a torn last line of a killed run with them), and the new
+  event file starts with a `SessionLog.START` at `resume_step + 1`, so that
+  after the replay each step is logged once in both. `None` appends to both
+  as they are.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
     self.enabled = enabled
     self._tb = None
     self._jsonl = None
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
+    path = os.path.join(workdir, METRICS_FILE)
+    if resume_step is not None:
+      _truncate_metrics(path, resume_step)
+    self._jsonl = open(path, 'a')
     try:
-      self._tb = TensorBoardWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = TensorBoardWriter(
+        os.path.join(workdir, 'tensorboard'),
+        restart_step=None if resume_step is None else resume_step + 1,
+      )
     except ImportError:
       log.warning('tensorboard is not installed: metrics go to %s only.', METRICS_FILE)
 
@@ -133,6 +156,31 @@ class MetricWriter:
 
 def _json_number(value: float) -> float | str:
   return value if math.isfinite(value) else str(value)  # 'nan' / 'inf' as strings.
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+  """Keeps the lines of `path` with step <= `last_step`, replacing the file atomically."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # A line torn by a kill.
+    if isinstance(record, dict) and record.get('step', 0) <= last_step:
+      kept.append(line if line.endswith('\n') else line + '\n')
+  if kept == lines:
+    return
+  log.info('%s: %d records after step %d dropped.', path, len(lines) - len(kept), last_step)
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(kept)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
 
 
 def read_metrics(workdir: str) -> list[dict]:

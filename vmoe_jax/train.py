@@ -239,7 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model))
   fewshot_fn = fewshot.make_feature_fn(model, mesh) if config.fewshot.every >= 0 else None
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_writer)
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_writer, resume_step=start_step)
   progress = metrics_lib.Progress(total_steps, start_step, config.input.batch_size)
   batches = dataset.train_batches(start_step)
   profile_dir = os.path.join(workdir, 'profile')
