@@ -4,12 +4,14 @@ Experiment configs (`configs/*.py`) start from `get_config()` and change a
 few fields. The returned ConfigDict is locked: assigning a key that does not
 exist here (in a config file or with `--config.x=y`) fails, and
 `validate` checks a config built elsewhere against this schema's keys;
-`vmoe_jax.validation.validate` checks the values.
+`vmoe_jax.validation.validate` checks the values. `config_arg` is the check
+of the `:ARG` part of `--config=FILE:ARG` that every config file runs.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -221,6 +223,28 @@ def apply_moe_preset(config: ml_collections.ConfigDict, preset: str) -> None:
   if preset not in MOE_PRESETS:
     raise UserError(f'MoE preset {preset!r} is unknown; use one of {sorted(MOE_PRESETS)}.')
   config.model.moe.update(MOE_PRESETS[preset])
+
+
+def config_arg(arg: str | None, choices: tuple[str, ...], config_file: str) -> str | None:
+  """The argument of `--config=FILE:ARG` when FILE's get_config accepts it.
+
+  `arg` is what get_config received (None or '' without a colon part);
+  `choices` are the arguments that FILE documents besides none. Returns None
+  for no argument, else `arg`; anything else is a UserError that lists the
+  valid forms, so that a typo such as ':lcoal' does not silently give the
+  full config.
+  """
+  if arg is None or arg == '':
+    return None
+  if arg in choices:
+    return arg
+  shown = os.path.relpath(config_file)
+  if shown.startswith('..'):
+    shown = config_file
+  forms = ' or '.join(f'--config={shown}{":" + c if c else ""}' for c in ('', *choices))
+  raise UserError(
+    f'--config={shown}:{arg}: {arg!r} is not an argument of this config file; use {forms}.'
+  )
 
 
 def shrink_for_local_run(config: ml_collections.ConfigDict) -> None:
