@@ -20,6 +20,7 @@ from vmoe_jax import config_defaults
 
 
 def get_config(arg=None):
+  arg = config_defaults.config_arg(arg, ('local',), __file__)
   config = config_defaults.get_config()
 
   # Model: 240.9M parameters at 32 experts (see README, "Parameter counts").

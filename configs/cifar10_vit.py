@@ -14,6 +14,7 @@ from vmoe_jax import config_defaults
 
 
 def get_config(arg=None):
+  arg = config_defaults.config_arg(arg, ('local',), __file__)
   config = config_defaults.get_config()
 
   # Model: 11.8M parameters (see README, "Parameter counts").

@@ -20,6 +20,7 @@ from vmoe_jax import config_defaults
 
 
 def get_config(arg=None):
+  arg = config_defaults.config_arg(arg, ('local',), __file__)
   config = config_defaults.get_config()
 
   # Model: the seed's ViT size, MoE in blocks 1, 3, ..., 11.

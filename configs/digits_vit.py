@@ -11,7 +11,7 @@ from vmoe_jax import config_defaults
 
 
 def get_config(arg=None):
-  del arg
+  config_defaults.config_arg(arg, (), __file__)  # This file takes no argument.
   config = config_defaults.get_config()
 
   # Model: 2x2 patches -> 16 tokens, global average pooling.

@@ -7,6 +7,7 @@ from vmoe_jax import config_defaults
 
 
 def get_config(arg=None):
+  arg = config_defaults.config_arg(arg, ('val',), __file__)
   config = config_defaults.get_config()
 
   config.model.patch_size = 4

@@ -35,6 +35,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -120,6 +121,27 @@ def _done(run: Run) -> bool:
   return os.path.exists(os.path.join(run.workdir, 'results.json'))
 
 
+_EXCEPTION_LINE = re.compile(r'[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b')
+
+
+def failure_line(log_path: str, start: int = 0) -> str:
+  """Why a run failed, from what its log got after byte `start` (the log before this attempt).
+
+  The last `error:` line (a problem the user can fix); else the last line of
+  a traceback that names an exception ('TypeError: ...'); else the last line.
+  """
+  try:
+    with open(log_path, 'rb') as f:
+      f.seek(start)
+      lines = f.read().decode('utf-8', errors='replace').splitlines()
+  except OSError:
+    return ''
+  lines = [line.strip() for line in lines if line.strip()]
+  errors = [line for line in lines if line.split('] ', 1)[-1].startswith('error: ')]
+  exceptions = [line for line in lines if _EXCEPTION_LINE.match(line)]
+  return (errors or exceptions or lines or [''])[-1]
+
+
 def _run_logged(cmd: list[str], log_path: str, prefix: str) -> int:
   """Runs `cmd` with its output in `log_path`, echoing its progress lines; the exit status."""
   with open(log_path, 'a') as log:
@@ -147,6 +169,7 @@ def launch(args, runs: list[Run], fixed: list[str]) -> list[str]:
     if args.launcher == 'local':
       os.makedirs(run.workdir, exist_ok=True)
       log_path = os.path.join(run.workdir, 'train.log')
+      log_start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
       print(f'[{i}/{len(runs)}] {run.name}: training (log: {log_path})', flush=True)
       code = _run_logged(cmd, log_path, prefix=f'[{i}/{len(runs)}] {run.name}:')
     else:
@@ -155,7 +178,10 @@ def launch(args, runs: list[Run], fixed: list[str]) -> list[str]:
     seconds = time.perf_counter() - start
     if code != 0:
       failed.append(run.name)
-      hint = f'; see {log_path}' if args.launcher == 'local' else ''
+      hint = ''
+      if args.launcher == 'local':
+        reason = failure_line(log_path, log_start)
+        hint = f': {reason} (log: {log_path})' if reason else f'; see {log_path}'
       print(f'[{i}/{len(runs)}] {run.name}: FAILED (exit status {code}){hint}', flush=True)
     elif args.launcher != 'slurm' and not args.dry_run:
       print(f'[{i}/{len(runs)}] {run.name}: finished in {seconds:.0f}s', flush=True)

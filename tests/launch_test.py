@@ -227,6 +227,48 @@ def test_sweep_print_launcher_and_cluster_commands(capsys, tmp_path):
   ]
 
 
+def test_failure_line_is_the_last_error_of_this_attempt(tmp_path):
+  log = tmp_path / 'train.log'
+  log.write_text('error: an old attempt failed\n')
+  start = log.stat().st_size
+  with open(log, 'a') as f:
+    f.write('I1123 12:00:00.0 1 main.py:1] Mesh ...\nerror: first\n[0] error: second\nbye\n')
+  assert sweep.failure_line(str(log), start) == '[0] error: second'
+  with open(log, 'a') as f:
+    start = f.tell()
+    f.write('Traceback (most recent call last):\n  ...\nKeyError: 3\n--------\nFor simplicity\n')
+  assert sweep.failure_line(str(log), start) == 'KeyError: 3'  # No error line: the exception.
+  with open(log, 'a') as f:
+    start = f.tell()
+    f.write('Killed\n\n')
+  assert sweep.failure_line(str(log), start) == 'Killed'  # Else the last line.
+  assert sweep.failure_line(str(tmp_path / 'missing.log')) == ''
+
+
+def test_sweep_prints_why_each_run_failed(tmp_path):
+  result = run_script(
+    sys.executable,
+    'launch/sweep.py',
+    '--config=configs/digits_switch.py',
+    '--sweep=model.moe.num_selected=0,9',
+    f'--workdir={tmp_path}',
+  )
+  assert result.returncode == 1
+  lines = result.stdout.splitlines()
+  for i, (value, why) in enumerate(
+    [
+      ('0', 'error: model.moe.num_selected=0 must be an integer >= 1 (K, the experts per token)'),
+      ('9', 'error: model.moe.num_selected=9 exceeds model.moe.num_experts=8;'),
+    ],
+    1,
+  ):
+    prefix = f'[{i}/2] num_selected={value}: FAILED (exit status 2): {why}'
+    line = next(line for line in lines if 'FAILED' in line and f'num_selected={value}' in line)
+    assert line.startswith(prefix), line
+    assert line.endswith(f'(log: {tmp_path}/num_selected={value}/train.log)')
+  assert 'failed: num_selected=0, num_selected=9' in result.stderr
+
+
 def fake_run(workdir, experts, selected, accuracy, step_seconds):
   """A finished run's workdir: config.json, dataset.json, results.json."""
   os.makedirs(workdir)

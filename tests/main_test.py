@@ -61,8 +61,45 @@ def test_bad_value_is_a_one_line_error(tmp_path):
   )
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
-    "error: optimizer 'adamm' is unknown; use one of ('adafactor', 'adamw', 'sgd')."
+    "error: optimizer.name='adamm' must be one of 'adafactor', 'adamw', 'sgd'; pass e.g. "
+    '--config.optimizer.name=adafactor.'
   )
+  assert not os.listdir(tmp_path)
+
+
+def test_bad_values_fail_before_joining_a_multiprocess_run(tmp_path):
+  # Process 1 would wait for a coordinator that never comes; the value fails first.
+  result = run_main(
+    '--config=configs/digits_switch.py',
+    f'--workdir={tmp_path}',
+    '--num_processes=2',
+    '--process_id=1',
+    '--coordinator_address=localhost:9',
+    '--distributed_timeout=120',
+    '--config.model.moe.num_selected=9',
+  )
+  assert result.returncode == 2
+  assert (
+    result.stderr.strip()
+    .splitlines()[-1]
+    .startswith('error: model.moe.num_selected=9 exceeds model.moe.num_experts=8;')
+  )
+  assert not os.listdir(tmp_path)
+
+
+def test_config_file_errors_are_one_line():
+  from vmoe_jax import main
+
+  inner = UserError("--config=configs/a.py:x: 'x' is not an argument of this config file")
+  try:
+    try:
+      raise inner
+    except UserError as e:
+      raise UserError('Error whilst parsing config file:\n\nTraceback ...') from e
+  except UserError as e:
+    wrapped = ValueError('flag --config=configs/a.py:x: ...')
+    wrapped.__context__ = e
+  assert main._config_error(['prog'], wrapped) == str(inner)
 
 
 def test_validate_rejects_keys_outside_the_schema():
@@ -89,15 +126,17 @@ def test_every_config_loads_and_validates(name):
     return
   import importlib.util
 
-  from ml_collections import config_flags  # noqa: F401  (the loader main uses)
+  from vmoe_jax import validation
 
   spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(REPO, 'configs', name))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  config_defaults.validate(config)
+  validation.validate(config, num_devices=1)
   assert 'python -m vmoe_jax.main' in module.__doc__
   if ':local' in module.__doc__:
     local = module.get_config('local')
-    config_defaults.validate(local)
+    validation.validate(local, num_devices=1)
     assert local.model.width == 64 and local.train.num_steps == 20
+  with pytest.raises(UserError, match="'lcoal' is not an argument of this config file"):
+    module.get_config('lcoal')

@@ -3,12 +3,15 @@
 Experiment configs (`configs/*.py`) start from `get_config()` and change a
 few fields. The returned ConfigDict is locked: assigning a key that does not
 exist here (in a config file or with `--config.x=y`) fails, and
-`validate` checks a config built elsewhere against this schema.
+`validate` checks a config built elsewhere against this schema's keys;
+`vmoe_jax.validation.validate` checks the values. `config_arg` is the check
+of the `:ARG` part of `--config=FILE:ARG` that every config file runs.
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -30,7 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_heads = config_dict.placeholder(int)
   config.model.mlp_dim = config_dict.placeholder(int)
   config.model.patch_size = config_dict.placeholder(int)
-  config.model.classifier = 'token'  # 'token' (class token) or 'gap'.
+  # Head input: 'token' (class token), 'gap' (global average pooling) or 'map'
+  # (multi-head attention pooling, as in big_vision).
+  config.model.classifier = 'token'
   # Patch embedding: 'patch' (one patch_size x patch_size convolution, ViT) or
   # 'conv' (3x3 stride-2 convolutions, Xiao et al. 2021; patch_size a power of 2).
   config.model.stem = 'patch'
@@ -42,20 +47,37 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.moe = ml_collections.ConfigDict()
   config.model.moe.num_experts = 0
   config.model.moe.layers = 'every_2'  # 'all', 'every_N', 'last_N', 'none' or '1,3,5'.
+  # Router: 'topk' (Switch / V-MoE), 'expert_choice', 'soft' (Soft MoE slots),
+  # 'image_topk' (one decision per image) or 'dropless' (no capacity).
+  config.model.moe.router = 'topk'
   config.model.moe.num_selected = 1  # K: 1 Switch, 2 V-MoE.
   config.model.moe.capacity_factor = 1.25
   config.model.moe.eval_capacity_factor = 2.0
-  config.model.moe.capacity_multiple = 1  # Round the capacity up to a multiple of this.
-  config.model.moe.batch_priority = False  # Batch Prioritized Routing.
+  # Round the capacity up to a multiple of this; None: 4 on GPU/TPU, 1 on CPU.
+  config.model.moe.capacity_multiple = config_dict.placeholder(int)
+  config.model.moe.batch_priority = False  # Batch Prioritized Routing at training.
+  # BPR at evaluation; None: the same as batch_priority.
+  config.model.moe.eval_batch_priority = config_dict.placeholder(bool)
   config.model.moe.renormalize = False  # Divide the K combine weights by their sum.
   config.model.moe.noise_std = 0.0  # Router noise std, in units of 1/num_experts.
-  config.model.moe.group_size = 0  # Images per routing group; 0: all images of a device.
+  # Images per routing group (8 as in the V-MoE paper configs); 0: all images of
+  # a device, so the routing then depends on the batch size and device count.
+  config.model.moe.group_size = 8
   config.model.moe.dispatch = 'indices'  # 'indices' or 'einsum' (reference).
   config.model.moe.mlp_dim = config_dict.placeholder(int)  # Expert width; default model's.
-  config.model.moe.dropout = 0.0  # Dropout inside the expert MLPs.
+  # Dropout inside the expert MLPs; None: model.dropout.
+  config.model.moe.dropout = config_dict.placeholder(float)
   config.model.moe.load_balance_weight = 0.01  # Switch load balancing loss.
   config.model.moe.importance_weight = 0.0  # V-MoE importance loss.
   config.model.moe.load_weight = 0.0  # V-MoE load loss (needs noise_std > 0).
+  # Threshold of the load loss: 'vmoe' (the K-th largest noisy logit of the
+  # other experts, Riquelme et al. 2021) or 'shazeer' (Shazeer et al. 2017).
+  config.model.moe.load_threshold = 'vmoe'
+  # Soft MoE slots per expert; None: round(capacity_factor * tokens per group /
+  # num_experts), at least 1.
+  config.model.moe.slots_per_expert = config_dict.placeholder(int)
+  # Dropless: rows per block of the block-padded grouped matmul.
+  config.model.moe.block_size = 128
   config.model.moe.z_loss_weight = 0.0  # Router z-loss.
 
   # Devices: a ('data', 'expert') mesh over all devices; the batch is split
@@ -66,8 +88,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Input.
   config.input = ml_collections.ConfigDict()
-  config.input.dataset = 'digits'  # 'digits' (offline, scikit-learn) or a TFDS name.
+  # 'digits' (offline, scikit-learn), 'fashion_mnist' (IDX files, see
+  # input_pipeline) or a TFDS name.
+  config.input.dataset = 'digits'
   config.input.data_dir = config_dict.placeholder(str)  # TFDS data_dir.
+  # Splits, optionally sliced as in TFDS: 'train[:54000]', 'train[54000:]'.
   config.input.train_split = 'train'
   config.input.test_split = 'test'
   config.input.batch_size = 128  # Global batch, over all processes.
@@ -89,6 +114,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.grad_clip_norm = 1.0  # Global norm; <= 0 disables.
   config.optimizer.factored_min_dim = 128  # Adafactor factors 2-D slices at least this big.
   config.optimizer.label_smoothing = 0.0
+  # Parameters to freeze: a regex searched in '/'-joined parameter paths
+  # (e.g. '^(?!head/)' trains only the head); '' freezes nothing.
+  config.optimizer.frozen = ''
 
   # Learning rate schedule: linear warmup -> decay -> linear cooldown to zero.
   config.schedule = ml_collections.ConfigDict()
@@ -111,6 +139,28 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 500  # <= 0: only the final checkpoint.
   config.train.keep_checkpoints = 3
   config.train.on_nonfinite = 'stop'  # 'stop' or 'skip' the step.
+  # With on_nonfinite=skip: stop once more than this share of the steps so far
+  # (after 10 steps) were skipped.
+  config.train.max_skipped_share = 0.1
+  config.train.on_corrupt = 'fail'  # 'fail' or 'previous': a checkpoint that cannot be read.
+
+  # Transfer: start the parameters from another run (a workdir or a checkpoint
+  # directory); '' starts from scratch.
+  config.init_from = ''
+  config.init = ml_collections.ConfigDict()
+  config.init.step = -1  # Checkpoint step of init_from; -1: the latest.
+  # Relative std of the noise added to the expert copies when a dense
+  # checkpoint is upcycled to MoE (0: exact copies).
+  config.init.upcycle_noise_std = 0.0
+
+  # Distillation from a frozen teacher.
+  config.distill = ml_collections.ConfigDict()
+  config.distill.teacher = ''  # Workdir of a trained teacher; '' no distillation.
+  config.distill.temperature = 1.0  # Softmax temperature of teacher and student logits.
+  # Weight of the label cross-entropy; the teacher term gets 1 - alpha.
+  config.distill.alpha = 0.5
+  # Start the student from the teacher's non-expert weights.
+  config.distill.init_from_teacher = False
 
   # Few-shot linear evaluation on frozen pre-logits (`vmoe_jax/fewshot.py`):
   # ridge regression on k train images per class, accuracy on the test set,
@@ -135,24 +185,30 @@ def get_config() -> ml_collections.ConfigDict:
 
 # Paper defaults of the two MoE families (DESIGN.md, "MoE semantics").
 MOE_PRESETS = {
-  # Fedus et al. 2021: top-1, capacity 1.25 train / 2.0 eval, load balancing 0.01.
+  # Fedus et al. 2021: top-1, capacity 1.25 train / 2.0 eval, load balancing
+  # 0.01; routing groups of 8 images.
   'switch': dict(
     num_selected=1,
     capacity_factor=1.25,
     eval_capacity_factor=2.0,
     batch_priority=False,
+    eval_batch_priority=None,
     noise_std=0.0,
+    group_size=8,
     load_balance_weight=0.01,
     importance_weight=0.0,
     load_weight=0.0,
   ),
-  # Riquelme et al. 2021: top-2, capacity 1.05, BPR, noise 1/E, importance
-  # and load losses 0.005 each, MoE in every other block.
+  # Riquelme et al. 2021: top-2, capacity 1.05, noise 1/E, importance and load
+  # losses 0.005 each, MoE in every other block, groups of 8 images; trained
+  # without BPR and evaluated with it (BPR lets evaluation lower the capacity).
   'vmoe': dict(
     num_selected=2,
     capacity_factor=1.05,
     eval_capacity_factor=1.05,
-    batch_priority=True,
+    batch_priority=False,
+    eval_batch_priority=True,
+    group_size=8,
     noise_std=1.0,
     load_balance_weight=0.0,
     importance_weight=0.005,
@@ -167,6 +223,28 @@ def apply_moe_preset(config: ml_collections.ConfigDict, preset: str) -> None:
   if preset not in MOE_PRESETS:
     raise UserError(f'MoE preset {preset!r} is unknown; use one of {sorted(MOE_PRESETS)}.')
   config.model.moe.update(MOE_PRESETS[preset])
+
+
+def config_arg(arg: str | None, choices: tuple[str, ...], config_file: str) -> str | None:
+  """The argument of `--config=FILE:ARG` when FILE's get_config accepts it.
+
+  `arg` is what get_config received (None or '' without a colon part);
+  `choices` are the arguments that FILE documents besides none. Returns None
+  for no argument, else `arg`; anything else is a UserError that lists the
+  valid forms, so that a typo such as ':lcoal' does not silently give the
+  full config.
+  """
+  if arg is None or arg == '':
+    return None
+  if arg in choices:
+    return arg
+  shown = os.path.relpath(config_file)
+  if shown.startswith('..'):
+    shown = config_file
+  forms = ' or '.join(f'--config={shown}{":" + c if c else ""}' for c in ('', *choices))
+  raise UserError(
+    f'--config={shown}:{arg}: {arg!r} is not an argument of this config file; use {forms}.'
+  )
 
 
 def shrink_for_local_run(config: ml_collections.ConfigDict) -> None:

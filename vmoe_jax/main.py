@@ -3,11 +3,14 @@ r"""Command line entry point; kept short on purpose.
   python -m vmoe_jax.main --config=configs/digits_switch.py --workdir=/tmp/run \
       [--config.model.moe.num_experts=16 ...]
 
-Parses flags, joins a multi-process run when the flags or the environment
-describe one (see `distributed`; every process runs this same command), and
-calls `train.train_and_evaluate(config, workdir)`. Problems the user can fix
-(bad config keys or values, missing data, unreadable checkpoints, processes
-that cannot meet) are printed as one line, exit status 2.
+Parses flags, checks the config (`validation.validate`, before and again
+after joining a multi-process run, once the device count is known; nothing is
+written to the workdir before), joins a multi-process run when the flags or
+the environment describe one (see `distributed`; every process runs this same
+command), and calls `train.train_and_evaluate(config, workdir)`. Problems the
+user can fix (bad config keys or values, a bad `:ARG` of a config file,
+missing data, unreadable checkpoints, processes that cannot meet) are printed
+as one line, exit status 2.
 """
 
 import logging
@@ -50,8 +53,26 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
+def _user_error(error: BaseException | None) -> UserError | None:
+  """The one-line UserError that the flag parsers wrapped, if one is in the chain.
+
+  A config file's get_config raising UserError (e.g. for an unknown `:ARG`)
+  reaches us wrapped twice, by ml_collections and by absl.
+  """
+  found, seen = None, set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, UserError) and '\n' not in str(error):
+      found = error
+    error = error.__cause__ or error.__context__
+  return found
+
+
 def _config_error(argv: list[str], error: Exception) -> str:
   """One line for a failed --config / --config.key=value flag."""
+  wrapped = _user_error(error)
+  if wrapped is not None:
+    return str(wrapped)
   for arg in argv:
     if arg.startswith('--config.'):
       path = arg[len('--config.') :].split('=', 1)[0]
@@ -80,6 +101,12 @@ def main(argv: list[str]) -> None:
   # Our progress at INFO; libraries (orbax, jax) at WARNING.
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('vmoe_jax').setLevel(logging.INFO)
+  from vmoe_jax import validation  # pylint: disable=g-import-not-at-top
+
+  try:  # Values that are nonsense on any machine fail before processes wait for each other.
+    validation.validate(config)
+  except UserError as e:
+    _fail(str(e))
   import jax  # pylint: disable=g-import-not-at-top
 
   from vmoe_jax import distributed  # pylint: disable=g-import-not-at-top
@@ -95,9 +122,9 @@ def main(argv: list[str]) -> None:
     )
     if distributed.initialize(settings):
       distributed.check_devices()
-      distributed.check_batch(config, jax.process_count())
       if jax.process_index() > 0:  # Progress lines from process 0 only.
         logging.getLogger('vmoe_jax').setLevel(logging.WARNING)
+    validation.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
     train.train_and_evaluate(config, _WORKDIR.value)
   except UserError as e:
     _fail(str(e))
