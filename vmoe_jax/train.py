@@ -38,6 +38,7 @@ from vmoe_jax import results as results_lib
 from vmoe_jax import schedules
 from vmoe_jax import sharding
 from vmoe_jax import steps
+from vmoe_jax import validation
 from vmoe_jax.errors import UserError
 from vmoe_jax.models import factory
 
@@ -135,40 +136,6 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
-def _check_batch(config, mesh) -> None:
-  num_devices = mesh.size
-  for what, size in (
-    ('batch_size', config.input.batch_size),
-    ('eval_batch_size', config.input.eval_batch_size),
-  ):
-    if size % num_devices:
-      raise UserError(
-        f'input.{what}={size} does not split over the {num_devices} devices of the mesh; use a '
-        f'multiple of {num_devices} (--config.input.{what}).'
-      )
-  accum = config.train.grad_accum_steps
-  if accum < 1 or config.input.batch_size % (accum * num_devices):
-    raise UserError(
-      f'train.grad_accum_steps={accum} must be >= 1 and split batch_size='
-      f'{config.input.batch_size} into micro-batches that are multiples of {num_devices} devices.'
-    )
-  group = config.model.moe.group_size
-  if config.model.moe.num_experts > 0 and group > 0:
-    micro = config.input.batch_size // accum
-    for what, size in (
-      ('batch_size / grad_accum_steps', micro),
-      ('eval_batch_size', config.input.eval_batch_size),
-    ):
-      if (size // num_devices) % group:
-        raise UserError(
-          f'model.moe.group_size={group} images does not divide the {size // num_devices} images '
-          f'per device of {what}={size}; use a group size that divides it, or 0 (all images of '
-          'a device).'
-        )
-  if config.train.on_nonfinite not in ('stop', 'skip'):
-    raise UserError(f"train.on_nonfinite={config.train.on_nonfinite!r}; use 'stop' or 'skip'.")
-
-
 def _due(step: int, every: int) -> bool:
   return every > 0 and step % every == 0
 
@@ -179,10 +146,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns the final metrics: 'step', 'test/accuracy', 'test/loss', ...
   """
   config_defaults.validate(config)
+  validation.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
   workdir = os.path.abspath(workdir)
   is_writer = jax.process_index() == 0
   mesh = sharding.create_mesh(config.mesh.expert, config.model.moe.num_experts)
-  _check_batch(config, mesh)
   log.info(
     'Mesh %s over %d devices (%d processes).', dict(mesh.shape), mesh.size, jax.process_count()
   )

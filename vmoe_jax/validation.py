@@ -35,10 +35,10 @@ from vmoe_jax import optim
 from vmoe_jax import schedules
 from vmoe_jax.errors import UserError
 from vmoe_jax.models import vit
+from vmoe_jax.moe import routers
 
-# The routers of model.moe.router. Becomes `tuple(routers.ROUTERS)` (the
-# router table of vmoe_jax.moe.routers) once that table exists.
-ROUTER_NAMES = ('topk', 'expert_choice', 'soft', 'image_topk', 'dropless')
+# The routers of model.moe.router: the router table of vmoe_jax.moe.routers.
+ROUTER_NAMES = tuple(routers.ROUTERS)
 
 CLASSIFIERS = ('token', 'gap', 'map')
 DTYPES = ('float32', 'bfloat16', 'float16')

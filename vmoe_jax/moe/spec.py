@@ -144,17 +144,17 @@ class MoeSpec:
         f'model.moe.num_experts={moe.num_experts} must be >= 0 (0: a dense ViT); use e.g. 8.'
       )
     size = factory.model_size(config)
-    multiple = moe.get('capacity_multiple')
+    multiple = moe.capacity_multiple
     if multiple is None:
       multiple = 1 if (backend or _default_backend()) == 'cpu' else 4
     eval_capacity = moe.eval_capacity_factor
-    eval_bpr = moe.get('eval_batch_priority')
-    dropout = moe.get('dropout')
+    eval_bpr = moe.eval_batch_priority
+    dropout = moe.dropout
     return cls(
       num_experts=moe.num_experts,
       layers=vit.moe_layer_indices(moe.layers, size['depth']),
       mlp_dim=moe.mlp_dim if moe.mlp_dim is not None else size['mlp_dim'],
-      router=moe.get('router', 'topk'),
+      router=moe.router,
       num_selected=moe.num_selected,
       capacity_factor=float(moe.capacity_factor),
       eval_capacity_factor=float(moe.capacity_factor if eval_capacity is None else eval_capacity),
@@ -166,9 +166,9 @@ class MoeSpec:
       group_size=int(moe.group_size),
       dispatch=moe.dispatch,
       dropout=float(config.model.dropout if dropout is None else dropout),
-      load_threshold=moe.get('load_threshold', 'vmoe'),
-      slots_per_expert=moe.get('slots_per_expert'),
-      block_size=int(moe.get('block_size', 128)),
+      load_threshold=moe.load_threshold,
+      slots_per_expert=moe.slots_per_expert,
+      block_size=int(moe.block_size),
       **{weight: float(moe[weight]) for weight in AUX_LOSS_WEIGHTS.values()},
     )
 
