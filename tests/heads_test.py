@@ -1,5 +1,7 @@
 """MAP head: shapes, parameter names, pooling over all tokens, order invariance."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,11 +12,19 @@ from vmoe_jax.models import heads
 WIDTH, HEADS, MLP, TOKENS = 16, 4, 24, 7
 
 
-def init_head(dtype=jnp.float32):
-  head = heads.MapHead(num_heads=HEADS, mlp_dim=MLP, dtype=dtype)
+HEAD = heads.MapHead(num_heads=HEADS, mlp_dim=MLP)
+APPLY = jax.jit(HEAD.apply)
+
+
+@functools.cache
+def _init():
   x = jax.random.normal(jax.random.key(1), (3, TOKENS, WIDTH))
-  params = head.init(jax.random.key(0), x)['params']
-  return head, params, x
+  return jax.jit(HEAD.init)(jax.random.key(0), x)['params'], x
+
+
+def init_head():
+  params, x = _init()
+  return HEAD, params, x
 
 
 def flat_shapes(tree):
@@ -26,11 +36,11 @@ def flat_shapes(tree):
 
 def test_output_shape_and_dtype():
   head, params, x = init_head()
-  out = head.apply({'params': params}, x)
+  out = APPLY({'params': params}, x)
   assert out.shape == (3, WIDTH)
   assert out.dtype == jnp.float32
   head16 = heads.MapHead(num_heads=HEADS, mlp_dim=MLP, dtype=jnp.bfloat16)
-  assert head16.apply({'params': params}, x).dtype == jnp.bfloat16
+  assert jax.jit(head16.apply)({'params': params}, x).dtype == jnp.bfloat16
 
 
 def test_parameter_names_and_shapes():
@@ -57,7 +67,7 @@ def test_parameter_names_and_shapes():
 
 def test_every_token_changes_the_output():
   head, params, x = init_head()
-  apply = jax.jit(lambda x: head.apply({'params': params}, x))
+  apply = lambda x: APPLY({'params': params}, x)
   out = apply(x)
   for token in range(TOKENS):
     new = apply(x.at[0, token].add(1.0))
@@ -68,9 +78,9 @@ def test_every_token_changes_the_output():
 
 def test_permuting_tokens_leaves_the_output_unchanged():
   head, params, x = init_head()
-  out = head.apply({'params': params}, x)
+  out = APPLY({'params': params}, x)
   perm = np.random.default_rng(0).permutation(TOKENS)
-  np.testing.assert_allclose(head.apply({'params': params}, x[:, perm]), out, atol=1e-6)
+  np.testing.assert_allclose(APPLY({'params': params}, x[:, perm]), out, atol=1e-6)
 
 
 def test_matches_a_hand_written_attention_pooling():
@@ -92,4 +102,4 @@ def test_matches_a_hand_written_attention_pooling():
   z = nn.gelu(z @ mlp['Dense_0']['kernel'] + mlp['Dense_0']['bias'])
   z = z @ mlp['Dense_1']['kernel'] + mlp['Dense_1']['bias']
   expected = (y + z)[:, 0]
-  np.testing.assert_allclose(head.apply({'params': params}, x), expected, atol=1e-5)
+  np.testing.assert_allclose(APPLY({'params': params}, x), expected, atol=1e-5)
