@@ -46,3 +46,14 @@ def test_conv_stem_flops_by_hand():
   assert vit.conv_stem_channels(8, 4) == (4, 8)
   f = flops.forward_flops(model, (28, 28, 1))
   assert f['embedding'] == 2 * (14 * 14 * 9 * 1 * 4 + 7 * 7 * 9 * 4 * 8 + 7 * 7 * 8 * 8)
+
+
+def test_map_head_flops_by_hand():
+  gap = small(classifier='gap')
+  map_ = small(classifier='map')
+  # 16 tokens (no class token), D=8, H=16: q and out (1 token), k and v (16 tokens),
+  # scores and weighted sum (16 tokens), the MLP (1 token).
+  extra = 2 * (2 * 8 * 8 + 2 * 16 * 8 * 8 + 2 * 16 * 8 + 2 * 8 * 16)
+  f_gap, f_map = flops.forward_flops(gap, (16, 16, 3)), flops.forward_flops(map_, (16, 16, 3))
+  assert f_map['head'] - f_gap['head'] == extra
+  assert f_map['attention'] == f_gap['attention']

@@ -16,8 +16,8 @@ from vmoe_jax import schedules
 from vmoe_jax import sharding
 from vmoe_jax import steps
 from vmoe_jax import train
-from vmoe_jax.models import factory
 from vmoe_jax.errors import UserError
+from vmoe_jax.models import factory
 
 
 def test_two_steps_end_to_end_on_8_devices(tmp_path):

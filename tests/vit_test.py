@@ -194,3 +194,21 @@ def test_conv_stem_tokens_and_errors():
     model.clone(patch_size=7).init(jax.random.key(0), images, train=False)
   with pytest.raises(UserError, match="model.stem='convv' is unknown"):
     model.clone(stem='convv').init(jax.random.key(0), images, train=False)
+
+
+def test_map_classifier_pools_every_token():
+  model = vit.ViT(
+    num_classes=5, patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32, classifier='map'
+  )
+  images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  variables = model.init(jax.random.key(1), images, train=False)
+  params = nn.meta.unbox(variables)['params']
+  assert 'cls' not in params and params['pos_embedding'].shape == (1, 16, 16)
+  assert params['map_head']['probe'].shape == (1, 1, 16)
+  # A non-zero head, then: changing the pixels of any one patch changes the logits.
+  params['head']['kernel'] = jax.random.normal(jax.random.key(2), (16, 5))
+  logits, extras = model.apply({'params': params}, images, train=False)
+  assert extras['pre_logits'].shape == (2, 16)
+  for row, col in ((0, 0), (3, 3), (1, 2)):
+    changed = images.at[:, 4 * row : 4 * row + 4, 4 * col : 4 * col + 4].add(1.0)
+    assert not np.allclose(model.apply({'params': params}, changed, train=False)[0], logits)

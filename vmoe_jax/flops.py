@@ -51,6 +51,8 @@ def forward_flops(
     'experts': 0.0,
     'head': 2.0 * d * model.num_classes,
   }
+  if model.classifier == 'map':  # Probe query, keys and values of all tokens, output, MLP.
+    out['head'] += 2.0 * (2 * d * d + 2 * tokens * d * d + 2 * tokens * d + 2 * d * h)
   spec = model.moe
   for block in range(model.depth):
     out['attention'] += 2.0 * 4 * tokens * d * d + 2.0 * 2 * tokens * tokens * d

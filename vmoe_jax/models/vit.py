@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from vmoe_jax.errors import UserError
+from vmoe_jax.models import heads
 from vmoe_jax.moe import layer as moe_layer
 from vmoe_jax.moe.spec import AUX_LOSS_WEIGHTS
 from vmoe_jax.moe.spec import MoeSpec
@@ -77,6 +78,8 @@ def moe_layer_indices(spec: str | int | tuple | list, depth: int) -> tuple[int, 
 
 
 STEMS = ('patch', 'conv')
+# 'token': the class token; 'gap': the mean token; 'map': attention pooling (`heads.MapHead`).
+CLASSIFIERS = ('token', 'gap', 'map')
 
 
 def conv_stem_channels(width: int, patch_size: int) -> tuple[int, ...]:
@@ -204,8 +207,8 @@ class ViT(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool, mask=None) -> tuple[jax.Array, dict]:
     """images (B, H, W, C), mask (B,) (0 for padding rows, evaluation) -> logits, extras."""
-    if self.classifier not in ('token', 'gap'):
-      raise UserError(f"classifier={self.classifier!r} is unknown; use 'token' or 'gap'.")
+    if self.classifier not in CLASSIFIERS:
+      raise UserError(f'model.classifier={self.classifier!r} is unknown; use one of {CLASSIFIERS}.')
     deterministic = not train
     if self.stem == 'conv':
       x = ConvStem(self.width, self.patch_size, self.dtype, name='stem')(images.astype(self.dtype))
@@ -244,7 +247,12 @@ class ViT(nn.Module):
       if metrics is not None:
         moe_metrics[i] = metrics
     x = nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)
-    pre_logits = x[:, 0] if self.classifier == 'token' else jnp.mean(x, axis=1)
+    if self.classifier == 'token':
+      pre_logits = x[:, 0]
+    elif self.classifier == 'map':
+      pre_logits = heads.MapHead(self.num_heads, self.mlp_dim, self.dtype, name='map_head')(x)
+    else:
+      pre_logits = jnp.mean(x, axis=1)
     pre_logits = pre_logits.astype(jnp.float32)
     logits = nn.Dense(
       self.num_classes, kernel_init=nn.initializers.zeros, dtype=jnp.float32, name='head'
