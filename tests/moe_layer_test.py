@@ -1,4 +1,6 @@
-"""The MoE layer: expert parallelism matches the unsharded model; precision; errors."""
+"""The MoE layer: expert parallelism matches the unsharded model; padding; precision; errors."""
+
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -12,6 +14,9 @@ from vmoe_jax.errors import UserError
 from vmoe_jax.models import vit
 from vmoe_jax.moe import layer
 from vmoe_jax.moe import losses
+from vmoe_jax.moe import plans
+from vmoe_jax.moe import routers
+from vmoe_jax.moe import routing
 from vmoe_jax.moe.spec import MoeSpec
 
 NUM_EXPERTS = 8
@@ -220,3 +225,119 @@ def test_low_eval_capacity_processes_proportionally_fewer_tokens(capacity_factor
   # Training uses the training factor (1.25) and drops far fewer.
   _, train_metrics = mlp.apply(variables, x, deterministic=False)
   assert float(train_metrics['dropped']) < float(metrics['dropped'])
+
+
+def unboxed_init(module, x, **kwargs):
+  variables = module.init(jax.random.key(1), x, deterministic=True, **kwargs)
+  return nn.meta.unbox(variables)['params']
+
+
+@pytest.mark.parametrize(
+  'router,k,bpr',
+  [
+    ('topk', 1, False),
+    ('topk', 2, True),
+    ('image_topk', 1, True),
+    ('expert_choice', 1, False),
+    ('soft', 1, False),
+    ('dropless', 2, False),
+  ],
+)
+def test_padded_rows_take_no_capacity(router, k, bpr):
+  """12 real images + 4 padding rows route the real ones exactly as 12 images alone."""
+  spec = make_spec(
+    num_selected=k,
+    batch_priority=bpr,
+    router=router,
+    capacity_factor=0.5,
+    eval_capacity_factor=0.5,
+    group_size=0,
+    slots_per_expert=2,
+  )
+  if router != 'soft':
+    spec = dataclasses.replace(spec, slots_per_expert=None)
+  real = jax.random.normal(jax.random.key(0), (12, 5, 32))
+  padding = 10.0 * jax.random.normal(jax.random.key(1), (4, 5, 32))  # Confident garbage.
+  padded = jnp.concatenate([real, padding])
+  mask = jnp.arange(16) < 12
+  mlp = layer.MoeMlp(spec)
+  params = unboxed_init(mlp, real)
+
+  def run(x, mask=None):
+    (y, metrics), state = mlp.apply(
+      {'params': params}, x, deterministic=True, mask=mask, mutable=['intermediates']
+    )
+    return y, metrics, state['intermediates']['routing'][0]
+
+  y_real, metrics_real, view_real = jax.jit(run)(real)
+  y_padded, metrics_padded, view_padded = jax.jit(run)(padded, mask)
+  np.testing.assert_allclose(y_padded[:12], y_real, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(view_padded.expert_index[:12], view_real.expert_index)
+  np.testing.assert_array_equal(view_padded.slot[:12], view_real.slot)
+  np.testing.assert_allclose(view_padded.combine_weight[:12], view_real.combine_weight, rtol=1e-5)
+  for name in ('dropped', 'expert_load', 'top1_gate', 'importance_loss', 'z_loss'):
+    np.testing.assert_allclose(metrics_padded[name], metrics_real[name], rtol=1e-5, atol=1e-7)
+  if router in ('topk', 'image_topk'):
+    # Without the mask, the padding would take slots: the real rows route differently.
+    y_unmasked, _, _ = jax.jit(run)(padded)
+    assert not np.allclose(y_unmasked[:12], y_real, atol=1e-4)
+
+
+def test_routing_groups_make_routing_independent_of_the_device_count():
+  """group_size=2: the same tokens go to the same experts on 1 device and on 8."""
+  images = jax.random.normal(jax.random.key(0), (16, 16, 16, 3))
+
+  def routing_on(devices, group_size):
+    spec = make_spec(num_selected=2, group_size=group_size, capacity_factor=0.5)
+    mesh = sharding.create_mesh(1, NUM_EXPERTS, jax.devices()[:devices])
+    model = vit.ViT(
+      num_classes=10, patch_size=4, width=32, depth=2, num_heads=2, mlp_dim=48, moe=spec, mesh=mesh
+    )
+    params = nn.meta.unbox(
+      model.clone(mesh=None).init({'params': jax.random.key(2)}, images[:2], train=False)
+    )['params']
+    _, state = jax.jit(
+      lambda p: model.apply({'params': p}, images, train=False, mutable=['intermediates'])
+    )(params)
+    return state['intermediates']['block_01']['moe']['routing'][0]
+
+  one, eight = routing_on(1, 2), routing_on(8, 2)
+  np.testing.assert_array_equal(one.expert_index, eight.expert_index)
+  np.testing.assert_array_equal(one.slot, eight.slot)
+  # group_size=0 (all images of a device): one group of 16 images on 1 device,
+  # 8 groups of 2 on 8 devices, so the capacity and the drops differ.
+  one, eight = routing_on(1, 0), routing_on(8, 0)
+  assert not np.array_equal(one.slot, eight.slot)
+
+
+def test_a_new_router_is_one_table_entry(monkeypatch):
+  """A toy router added through the table: every token to expert 0, weight 1."""
+
+  def route_first(inputs, spec):
+    num_groups, num_tokens, _ = inputs.logits.shape
+    view = routing.Routing(
+      expert_index=jnp.zeros((num_groups, num_tokens, 1), jnp.int32),
+      slot=jnp.broadcast_to(
+        jnp.arange(num_tokens, dtype=jnp.int32)[None, :, None], (num_groups, num_tokens, 1)
+      ),
+      combine_weight=jnp.ones((num_groups, num_tokens, 1)),
+    )
+    metrics = {name: jnp.zeros(()) for name in routers.losses_names()}
+    metrics.update(
+      dropped=jnp.zeros(()), expert_load=jnp.eye(spec.num_experts)[0], top1_gate=jnp.ones(())
+    )
+    return routers.RouterOutput(
+      plans.from_routing(view, spec.num_experts, num_tokens), metrics, view
+    )
+
+  monkeypatch.setitem(routers.ROUTERS, 'first', routers.Router(route_first))
+  spec = make_spec(router='first', group_size=0)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 32))
+  mlp = layer.MoeMlp(spec)
+  params = unboxed_init(mlp, x)
+  y, metrics = mlp.apply({'params': params}, x, deterministic=True)
+  expected = layer.expert_mlp(
+    x.reshape(1, 10, 32), {k: params[k][:1] for k in layer.EXPERT_PARAMS}, None, 0.0, jnp.float32
+  )
+  np.testing.assert_allclose(y, expected.reshape(2, 5, 32), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(metrics['expert_load'], [1, 0, 0, 0, 0, 0, 0, 0])

@@ -11,7 +11,7 @@ from vmoe_jax.moe import routing
 
 
 def reference_route(gates, num_selected, capacity, batch_priority, renormalize=False):
-  """Direct loop transcription of DESIGN.md 'MoE semantics' for one group (S, E)."""
+  """Direct loop transcription of docs/design.md, 'Routing contract', for one group (S, E)."""
   num_tokens, num_experts = gates.shape
   # Top-k with ties to the lower expert index: sort by (-gate, index).
   order_k = [

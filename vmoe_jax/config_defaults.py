@@ -183,7 +183,7 @@ def get_config() -> ml_collections.ConfigDict:
   return config
 
 
-# Paper defaults of the two MoE families (DESIGN.md, "MoE semantics").
+# Paper defaults of the two MoE families (docs/design.md, "Routing contract").
 MOE_PRESETS = {
   # Fedus et al. 2021: top-1, capacity 1.25 train / 2.0 eval, load balancing
   # 0.01; routing groups of 8 images.

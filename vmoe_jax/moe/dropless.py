@@ -81,7 +81,7 @@ def _block_layout(expert: jax.Array, num_experts: int, block_size: int):
 
 def _mlp(rows, wi, bi, wo, bo, dropout_key, rate, dtype, matmul):
   h = matmul(rows, wi) + bi
-  h = jax.nn.gelu(h, approximate=False)
+  h = jax.nn.gelu(h)  # tanh approximation, as flax.linen.gelu in `layer.expert_mlp`.
   if dropout_key is not None and rate > 0:
     keep = jax.random.bernoulli(dropout_key, 1.0 - rate, h.shape)
     h = jnp.where(keep, h / (1.0 - rate), 0).astype(dtype)

@@ -12,7 +12,7 @@ Axis letters used in shapes:
   C: capacity, buffer slots per expert and group,
   D: model width.
 
-The contract (see DESIGN.md, "MoE semantics"):
+The contract (see docs/design.md, "Routing contract"):
   * the K largest gates of a token choose its experts; equal gates go to the
     lower expert index (as `jax.lax.top_k` does);
   * assignments take slots in priority order, every 1st choice before any
