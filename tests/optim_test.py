@@ -173,3 +173,25 @@ def test_optimizer_state_bytes_of_the_seed_switch_vit():
     ratios[name] = optim.state_bytes(jax.eval_shape(tx.init, params)) / optim.state_bytes(params)
   assert ratios['adafactor'] <= 0.6, ratios
   assert 1.99 <= ratios['adamw'] <= 2.01, ratios
+
+
+def test_frozen_parameters_do_not_move():
+  params = {'head': {'kernel': jnp.ones((3, 2))}, 'block_00': {'mlp': {'kernel': jnp.ones((3, 3))}}}
+  grads = jax.tree.map(lambda p: 2.0 * p, params)
+  config = make('adamw', wd=1e-2)
+  config.optimizer.frozen = '^(?!head/)'  # Train the head only.
+  tx = optim.create_optimizer(config, constant(0.1), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert float(jnp.abs(updates['block_00']['mlp']['kernel']).sum()) == 0.0
+  assert float(jnp.abs(updates['head']['kernel']).sum()) > 0
+  # The same head update as an optimizer that sees only the head's gradient.
+  config.optimizer.frozen = ''
+  alone = optim.create_optimizer(config, constant(0.1), {'head': params['head']})
+  expected, _ = alone.update(
+    {'head': grads['head']}, alone.init({'head': params['head']}), {'head': params['head']}
+  )
+  np.testing.assert_allclose(updates['head']['kernel'], expected['head']['kernel'], rtol=1e-6)
+  for pattern, message in (('nothing', 'matches no parameter'), ('.', 'matches every parameter')):
+    config.optimizer.frozen = pattern
+    with pytest.raises(UserError, match=message):
+      optim.create_optimizer(config, constant(0.1), params)

@@ -29,6 +29,7 @@ scales the statistics instead of materialising clipped gradients.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -251,10 +252,56 @@ def weight_decay_tree(params: Any, weight_decay: float, head_weight_decay: float
   return jax.tree_util.tree_map_with_path(decay, params)
 
 
+def frozen_mask(params: Any, pattern: str) -> Any:
+  """True for the parameters whose '/'-joined path matches the regex `pattern` (re.search).
+
+  E.g. '^(?!head/)' freezes everything but the head, '/moe/(wi|wo|bi|bo)$'
+  only the experts. A pattern that matches no parameter, or every one, is a
+  one-line error.
+  """
+  regex = re.compile(pattern)
+  mask = jax.tree_util.tree_map_with_path(
+    lambda path, _: bool(regex.search('/'.join(str(getattr(k, 'key', k)) for k in path))), params
+  )
+  flags = jax.tree.leaves(mask)
+  if not any(flags) or all(flags):
+    what = 'no parameter' if not any(flags) else 'every parameter (nothing would train)'
+    raise UserError(
+      f'optimizer.frozen={pattern!r} matches {what}; match parameter paths such as '
+      "'embedding/kernel' or 'block_01/moe/wi', e.g. '^(?!head/)' to train only the head."
+    )
+  return mask
+
+
+def freeze(tx: optax.GradientTransformation, mask: Any) -> optax.GradientTransformation:
+  """`tx` with the parameters where `mask` is True frozen.
+
+  Their gradients are zeroed before `tx` (so they count towards no global
+  norm or statistics) and their updates after it (no weight decay either).
+  Their optimizer state is still allocated.
+  """
+
+  def zero(tree):
+    return jax.tree.map(lambda x, m: jnp.zeros_like(x) if m else x, tree, mask)
+
+  def update_fn(grads, state, params=None):
+    updates, state = tx.update(zero(grads), state, params)
+    return zero(updates), state
+
+  return optax.GradientTransformation(tx.init, update_fn)
+
+
 def create_optimizer(
   config, schedule: Callable, params: Any, expert_mask: Any = None
 ) -> optax.GradientTransformation:
   """The optimizer of `config.optimizer` for `params` (arrays or shapes)."""
+  tx = _create_optimizer(config, schedule, params, expert_mask)
+  if config.optimizer.frozen:
+    tx = freeze(tx, frozen_mask(params, config.optimizer.frozen))
+  return tx
+
+
+def _create_optimizer(config, schedule, params, expert_mask):
   opt = config.optimizer
   if opt.name not in OPTIMIZERS:
     raise UserError(f'optimizer {opt.name!r} is unknown; use one of {OPTIMIZERS}.')
