@@ -40,12 +40,12 @@ def get_config(arg=None):
   moe.num_experts = 32
   moe.layers = 'all'
   moe.capacity_factor = 1.0
-  moe.group_size = 0  # All images of a device form one routing group.
+  moe.group_size = 8  # Images per routing group (V-MoE paper): independent of the devices.
 
   # Input: random crop after 4-pixel padding, horizontal flips.
   config.input.dataset = 'cifar10'
   config.input.batch_size = 256
-  config.input.eval_batch_size = 1000
+  config.input.eval_batch_size = 1024
   config.input.crop_padding = 4
   config.input.flip = True
 

@@ -31,7 +31,7 @@ def get_config(arg=None):
   # Input: random crop after 4-pixel padding, horizontal flips.
   config.input.dataset = 'cifar10'
   config.input.batch_size = 256
-  config.input.eval_batch_size = 1000
+  config.input.eval_batch_size = 1024
   config.input.crop_padding = 4
   config.input.flip = True
 

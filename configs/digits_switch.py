@@ -30,7 +30,7 @@ def get_config(arg=None):
   moe = config.model.moe
   moe.num_experts = 8
   moe.layers = 'every_2'
-  moe.group_size = 0  # All images of a device form one routing group.
+  moe.group_size = 8  # Images per routing group (V-MoE paper): independent of the devices.
 
   # Input: shifts of up to 1 pixel; no flips (digits are not mirror-symmetric).
   config.input.dataset = 'digits'
