@@ -13,6 +13,7 @@ benchmarks and the profiler time them without importing the trainer.
 from __future__ import annotations
 
 from typing import Any
+from typing import NamedTuple
 
 import flax
 import flax.linen as nn
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
+from vmoe_jax import distill
 from vmoe_jax import sharding
 
 
@@ -53,15 +55,39 @@ def _moe_summary(moe_metrics: dict, prefix: str) -> dict[str, jax.Array]:
   return out
 
 
-def _loss_and_metrics(params, model, images, labels, rngs, label_smoothing):
+class Teacher(NamedTuple):
+  """A frozen teacher for distillation (`vmoe_jax.distill`): its model and the loss settings."""
+
+  model: Any
+  temperature: float
+  alpha: float
+
+
+def _loss_and_metrics(
+  params, model, images, labels, rngs, label_smoothing, teacher, teacher_params
+):
   logits, extras = model.apply({'params': params}, images, train=True, rngs=rngs)
-  xent = jnp.mean(cross_entropy(logits, labels, label_smoothing))
+  if teacher is None:
+    xent = jnp.mean(cross_entropy(logits, labels, label_smoothing))
+    distill_metrics = {}
+  else:  # The teacher evaluates as at test time: no noise, its eval capacity.
+    teacher_logits, _ = teacher.model.apply({'params': teacher_params}, images, train=False)
+    xent, parts = distill.distillation_loss(
+      logits,
+      teacher_logits,
+      labels,
+      temperature=teacher.temperature,
+      alpha=teacher.alpha,
+      label_smoothing=label_smoothing,
+    )
+    distill_metrics = {f'train/distill/{k}': v for k, v in parts.items() if k != 'loss'}
   loss = xent + extras['auxiliary_loss']
   metrics = {
     'train/loss': loss,
     'train/xent': xent,
     'train/aux_loss': extras['auxiliary_loss'],
     'train/accuracy': jnp.mean(jnp.argmax(logits, -1) == labels),
+    **distill_metrics,
     **_moe_summary(extras['moe'], 'train'),
   }
   return loss, metrics
@@ -70,15 +96,19 @@ def _loss_and_metrics(params, model, images, labels, rngs, label_smoothing):
 def train_step(
   state: TrainState,
   batch,
+  teacher_params=None,
   *,
   model,
   tx,
   schedule,
   accum_steps: int = 1,
   label_smoothing: float = 0.0,
+  teacher: Teacher | None = None,
 ) -> tuple[TrainState, dict]:
   """One optimizer step, averaging gradients over `accum_steps` micro-batches.
 
+  With a `teacher` (and its `teacher_params`), the loss is the distillation
+  loss against the teacher's logits, computed in the same jitted step.
   A step whose loss or gradients are not finite leaves params and optimizer
   state unchanged and reports train/nonfinite = 1.
   """
@@ -88,7 +118,9 @@ def train_step(
   def micro(i, images, labels):
     key = jax.random.fold_in(rng, i)
     rngs = {'dropout': jax.random.fold_in(key, 0), 'router': jax.random.fold_in(key, 1)}
-    return grad_fn(state.params, model, images, labels, rngs, label_smoothing)
+    return grad_fn(
+      state.params, model, images, labels, rngs, label_smoothing, teacher, teacher_params
+    )
 
   if accum_steps == 1:
     grads, metrics = micro(0, batch['image'], batch['label'])
