@@ -220,3 +220,15 @@ def test_low_eval_capacity_processes_proportionally_fewer_tokens(capacity_factor
   # Training uses the training factor (1.25) and drops far fewer.
   _, train_metrics = mlp.apply(variables, x, deterministic=False)
   assert float(train_metrics['dropped']) < float(metrics['dropped'])
+
+
+@pytest.mark.parametrize('case', ROUTER_CASES, ids=lambda c: '-'.join(map(str, c.values())))
+def test_a_group_of_padding_only_gives_finite_outputs(case):
+  """The last evaluation batch may hold routing groups with no real image."""
+  x = jax.random.normal(jax.random.key(6), (4, 5, 32))
+  mask = jnp.array([1, 1, 0, 0], jnp.float32)  # Groups of 2 images: the second is padding.
+  mlp = layer.MoeMlp(make_spec(**case))
+  variables = mlp.init({'params': jax.random.key(7)}, x, deterministic=True)
+  y, metrics = mlp.apply(variables, x, deterministic=True, mask=mask)
+  assert np.all(np.isfinite(y))
+  assert all(np.all(np.isfinite(v)) for v in metrics.values())
