@@ -1,4 +1,4 @@
-"""The evaluate command end to end, and few-shot evaluation during training."""
+"""The evaluate command end to end (top-k, Expert Choice, Soft MoE, dense), and few-shot."""
 
 import json
 import os
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from small_configs import tiny_config
 
-from vmoe_jax import evaluate
 from vmoe_jax import flops
 from vmoe_jax import inference
 from vmoe_jax import metrics
 from vmoe_jax import train
+from vmoe_jax.tools import evaluation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNGS = ('accuracy_vs_compute.png', 'expert_load.png', 'class_expert.png', 'examples.png')
@@ -42,7 +42,7 @@ def test_fewshot_runs_during_training_and_at_the_end(trained_workdir):
 
 def test_evaluate_writes_the_sweep_maps_and_fewshot(trained_workdir, tmp_path):
   workdir, results = trained_workdir
-  report = evaluate.run(
+  report = evaluation.run(
     workdir, (0.25, 1.0), output_dir=str(tmp_path), num_examples=3, timing_seconds=0.01
   )
   for name in ('eval.json', 'eval.md', *PNGS):
@@ -83,7 +83,7 @@ def test_evaluate_writes_the_sweep_maps_and_fewshot(trained_workdir, tmp_path):
 def test_evaluate_a_dense_model(tmp_path):
   workdir = str(tmp_path / 'dense')
   train.train_and_evaluate(tiny_config(num_experts=0, steps=1), workdir)
-  report = evaluate.run(workdir, output_dir=str(tmp_path / 'eval'), fewshot=False)
+  report = evaluation.run(workdir, output_dir=str(tmp_path / 'eval'), fewshot=False)
   assert [r['capacity_factor'] for r in report['settings']] == [None]
   assert 'dense' in (tmp_path / 'eval' / 'eval.md').read_text()
   assert not any((tmp_path / 'eval' / name).exists() for name in PNGS)
@@ -112,3 +112,61 @@ def test_command_line(trained_workdir, tmp_path):
   assert result.stderr.strip().splitlines()[-1].startswith('error: --capacity_factors=0.5,big')
   result = _command(f'--workdir={tmp_path}/nothing')
   assert result.returncode == 2 and 'does not exist' in result.stderr.strip().splitlines()[-1]
+
+
+def _train_router(tmp_path, router: str, **moe) -> str:
+  workdir = str(tmp_path / router)
+  config = tiny_config(steps=1)
+  config.model.moe.router = router
+  config.model.moe.update(moe)
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def test_evaluate_expert_choice_sweeps_capacity_without_bpr(tmp_path):
+  # eval_capacity_factor = capacity_factor: the maps' two settings are one.
+  workdir = _train_router(tmp_path, 'expert_choice', eval_capacity_factor=1.25)
+  out = tmp_path / 'eval'
+  report = evaluation.run(
+    workdir, (0.5,), output_dir=str(out), num_examples=2, fewshot=False, timing_seconds=0.01
+  )
+  for name in ('eval.json', 'eval.md', *PNGS):
+    assert (out / name).stat().st_size > 0, name
+  rows = {(r['capacity_factor'], r['batch_priority']): r for r in report['settings']}
+  assert sorted(rows) == [(0.5, None), (1.25, None)]  # Experts choose: no BPR rows.
+  model = inference.load(workdir).model
+  for row in rows.values():
+    # K = 1: the kept share is the mean number of experts per token (T = 5).
+    assert row['kept_share'] == pytest.approx(row['kept_assignments_per_image'] / 5)
+    layer = row['layers']['block_01']
+    assert sum(layer['expert_kept_share']) == pytest.approx(row['kept_share'])
+    assert sum(layer['expert_chosen_share']) == pytest.approx(1.0)  # One first choice per token.
+    assert row['expert_flops_per_image'] == pytest.approx(
+      flops.expert_flops_per_image(model, row['kept_assignments_per_image'])
+    )
+  assert rows[0.5, None]['kept_share'] < rows[1.25, None]['kept_share']
+  text = (out / 'eval.md').read_text()
+  assert 'BPR does not apply' in text and '| 0.5 | experts choose |' in text
+  assert 'mean number of experts per token' in text
+
+
+def test_evaluate_soft_moe_has_one_row_at_the_trained_setting(tmp_path):
+  workdir = _train_router(tmp_path, 'soft')
+  out = tmp_path / 'eval'
+  report = evaluation.run(
+    workdir, (0.5, 1.0), output_dir=str(out), num_examples=2, fewshot=False, timing_seconds=0.01
+  )
+  for name in ('eval.json', 'eval.md', *PNGS[1:]):
+    assert (out / name).stat().st_size > 0, name
+  assert not (out / 'accuracy_vs_compute.png').exists()  # No sweep, no curve.
+  assert report['sweep']['capacity'] is False and 'Soft MoE' in report['sweep']['note']
+  [row] = report['settings']
+  assert row['capacity_factor'] is None and row['batch_priority'] is None
+  assert np.isfinite(row['loss'])  # Padding-only routing groups stay finite.
+  assert row['kept_share'] == pytest.approx(1.0)
+  # 2 images per group of 10 tokens, 8 experts: round(1.25 * 10 / 8) = 2 slots each.
+  model = inference.load(workdir).model
+  slots = flops.forward_flops(model, (8, 8, 1), images_per_group=2)['experts']
+  assert row['expert_flops_per_image'] == pytest.approx(slots)
+  assert slots == pytest.approx(8 * 2 / 2 * 4 * 16 * 32)
+  assert '| - | as trained |' in (out / 'eval.md').read_text()

@@ -341,3 +341,15 @@ def test_a_new_router_is_one_table_entry(monkeypatch):
   )
   np.testing.assert_allclose(y, expected.reshape(2, 5, 32), rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(metrics['expert_load'], [1, 0, 0, 0, 0, 0, 0, 0])
+
+
+@pytest.mark.parametrize('case', ROUTER_CASES, ids=lambda c: '-'.join(map(str, c.values())))
+def test_a_group_of_padding_only_gives_finite_outputs(case):
+  """The last evaluation batch may hold routing groups with no real image."""
+  x = jax.random.normal(jax.random.key(6), (4, 5, 32))
+  mask = jnp.array([1, 1, 0, 0], jnp.float32)  # Groups of 2 images: the second is padding.
+  mlp = layer.MoeMlp(make_spec(**case))
+  variables = mlp.init({'params': jax.random.key(7)}, x, deterministic=True)
+  y, metrics = mlp.apply(variables, x, deterministic=True, mask=mask)
+  assert np.all(np.isfinite(y))
+  assert all(np.all(np.isfinite(v)) for v in metrics.values())

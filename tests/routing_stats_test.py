@@ -62,9 +62,25 @@ def test_tally_summary():
   tally.add(Routing(EXPERT, SLOT, np.zeros(SLOT.shape)), np.array([1, 0]), np.array([1.0, 1.0]))
   summary = tally.summary()
   assert summary['kept_share'] == 7 / 12
+  # Token (1, 1) lost both its choices; the other five tokens kept at least one.
+  assert summary['skipped_token_share'] == 1 / 6
   np.testing.assert_allclose(summary['expert_chosen_share'], [4 / 12, 4 / 12, 4 / 12, 0])
   np.testing.assert_allclose(summary['expert_kept_share'], [2 / 12, 3 / 12, 2 / 12, 0])
   np.testing.assert_array_equal(tally.class_expert, [[0, 1, 2, 0], [2, 1, 0, 0]])
+
+
+def test_tally_of_expert_choice_views_counts_per_token():
+  # Two tokens of one image, E=3, experts in each token's gate order; expert 1
+  # took both tokens, expert 0 token 0, expert 2 none.
+  expert = np.array([[[0, 1, 2], [2, 1, 0]]])
+  slot = np.array([[[0, 0, -1], [-1, 1, -1]]])
+  tally = routing_stats.RoutingTally(num_experts=3, num_classes=1, experts_choose=True)
+  tally.add(Routing(expert, slot, np.zeros(slot.shape)), np.array([0]), np.array([1.0]))
+  summary = tally.summary()
+  assert summary['kept_share'] == 3 / 2  # Experts per token.
+  assert summary['skipped_token_share'] == 0.0
+  np.testing.assert_allclose(summary['expert_chosen_share'], [1 / 2, 0, 1 / 2])  # First choices.
+  np.testing.assert_allclose(summary['expert_kept_share'], [1 / 2, 1, 0])
 
 
 def test_sown_routing_counts_match_the_layer_dropped_metric():

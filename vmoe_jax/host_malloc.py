@@ -13,7 +13,7 @@ large heap regions are backed by transparent huge pages. The same step then
 takes about 1.03 s, with no page faults (README, "Performance").
 
 glibc reads `GLIBC_TUNABLES` only when a process starts, so the entry points
-(`vmoe_jax.main`, `.bench`, `.profile`, `.evaluate`) call `maybe_reexec()`
+(`vmoe_jax.main`, `.bench`, `.profile_moe`, `.evaluate`) call `maybe_reexec()`
 first: where it applies, it replaces the process (same PID, same argv) by one
 started with the tunables. It applies on Linux with glibc when JAX will run on
 the CPU only: no GPU/TPU plugin is installed, or `JAX_PLATFORMS=cpu`. On an

@@ -97,6 +97,7 @@ def plot_expert_load(
   num_experts: int,
   capacity_factor: float | None = None,
   title: str = '',
+  experts_choose: bool = False,
 ) -> str:
   """Per MoE layer, bars of the share of assignments each expert was chosen for and kept.
 
@@ -108,6 +109,9 @@ def plot_expert_load(
     capacity_factor: C of the kept shares: the dotted line is the capacity of
       an expert as a share of the assignments, C / E (Switch: K = 1 per token).
     title: figure title.
+    experts_choose: Expert Choice tallies (`routing_stats.RoutingTally`): shares
+      per token, 'chosen' = first choices (outlined over the kept bars), and
+      the title gives the share of tokens that no expert took.
   """
   names = list(layers)
   cols = min(len(names), 3)
@@ -118,18 +122,27 @@ def plot_expert_load(
     ax = figure.add_subplot(rows, cols, i + 1)
     chosen = np.asarray(layers[name]['expert_chosen_share'])
     kept = np.asarray(layers[name]['expert_kept_share'])
-    ax.bar(experts, chosen, color='white', edgecolor='k', hatch='///', label='chosen, dropped')
-    ax.bar(experts, kept, color=expert_colors(num_experts).colors, label='chosen and processed')
+    colors = expert_colors(num_experts).colors
+    if experts_choose:
+      ax.bar(experts, kept, color=colors, label='taken by the expert')
+      ax.bar(experts, chosen, fill=False, edgecolor='k', hatch='///', label='first choice')
+    else:
+      ax.bar(experts, chosen, color='white', edgecolor='k', hatch='///', label='chosen, dropped')
+      ax.bar(experts, kept, color=colors, label='chosen and processed')
     ax.axhline(1.0 / num_experts, color='k', ls='--', lw=0.8, label='balanced, 1/E')
     if capacity_factor:
       ax.axhline(
         capacity_factor / num_experts, color='tab:red', ls=':', lw=1.2, label='capacity, C/E'
       )
-    dropped = 1.0 - kept.sum() / max(chosen.sum(), 1e-12)
-    ax.set_title(f'{name}: {100 * dropped:.1f}% of assignments dropped', size=9)
+    if experts_choose:
+      skipped = layers[name]['skipped_token_share']
+      ax.set_title(f'{name}: {100 * skipped:.1f}% of tokens taken by no expert', size=9)
+    else:
+      dropped = 1.0 - kept.sum() / max(chosen.sum(), 1e-12)
+      ax.set_title(f'{name}: {100 * dropped:.1f}% of assignments dropped', size=9)
     ax.set_xticks(experts if num_experts <= 32 else experts[:: max(1, num_experts // 16)])
     ax.set_xlabel('expert', size=8)
-    ax.set_ylabel('share of assignments', size=8)
+    ax.set_ylabel('assignments per token' if experts_choose else 'share of assignments', size=8)
     ax.tick_params(labelsize=7)
     if i == 0:
       ax.legend(fontsize=7, loc='upper left')

@@ -98,32 +98,51 @@ def patch_grid(
 
 
 class RoutingTally:
-  """Accumulates routing statistics of one MoE layer over evaluation batches."""
+  """Accumulates routing statistics of one MoE layer over evaluation batches.
 
-  def __init__(self, num_experts: int, num_classes: int):
+  `experts_choose`: the views are Expert Choice's (B, T, E), every token
+  listing all E experts in the order of its gates, slot -1 where that expert
+  did not take it. Then 'chosen' counts first choices only (each token's
+  largest gate, one per token: the demand a top-1 router would see), 'kept'
+  every taken (token, expert) pair, and shares are per token: the kept
+  shares sum to the mean number of experts per token (up to E).
+  """
+
+  def __init__(self, num_experts: int, num_classes: int, experts_choose: bool = False):
     self.num_experts = num_experts
+    self.experts_choose = experts_choose
     self.chosen = np.zeros(num_experts, np.int64)
     self.kept = np.zeros(num_experts, np.int64)
     self.class_expert = np.zeros((num_classes, num_experts), np.int64)
-    self.assignments = 0  # Valid (token, choice) pairs seen.
+    self.assignments = 0  # Valid (token, choice) pairs seen; tokens with experts_choose.
+    self.tokens = 0  # Valid tokens seen.
+    self.skipped = 0  # Valid tokens that no expert processed.
 
   def add(self, routing, labels: np.ndarray, mask: np.ndarray) -> None:
     """Adds a batch: routing (B, T, K) arrays, labels (B,), mask (B,)."""
     expert_index, slot = np.asarray(routing.expert_index), np.asarray(routing.slot)
     chosen, kept = expert_counts(expert_index, slot, self.num_experts, mask)
+    if self.experts_choose:
+      chosen, _ = expert_counts(expert_index[..., :1], slot[..., :1], self.num_experts, mask)
     self.chosen += chosen
     self.kept += kept
     num_classes = self.class_expert.shape[0]
     self.class_expert += class_expert_counts(
       expert_index[..., 0], labels, num_classes, self.num_experts, mask
     )
-    self.assignments += int(np.sum(mask > 0)) * expert_index.shape[1] * expert_index.shape[2]
+    real = np.asarray(mask) > 0
+    choices = 1 if self.experts_choose else expert_index.shape[2]
+    self.assignments += int(np.sum(real)) * expert_index.shape[1] * choices
+    self.tokens += int(np.sum(real)) * expert_index.shape[1]
+    self.skipped += int(np.sum(np.all(slot < 0, axis=-1)[real]))
 
   def summary(self) -> dict[str, object]:
-    """Shares: kept of all assignments; chosen and kept per expert (of all assignments)."""
+    """Shares of all assignments (per token with experts_choose): kept, chosen and kept
+    per expert; and the share of tokens that no expert processed."""
     total = max(self.assignments, 1)
     return {
       'kept_share': float(self.kept.sum() / total),
+      'skipped_token_share': float(self.skipped / max(self.tokens, 1)),
       'expert_chosen_share': (self.chosen / total).tolist(),
       'expert_kept_share': (self.kept / total).tolist(),
     }

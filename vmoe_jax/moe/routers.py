@@ -329,7 +329,10 @@ def route_soft(inputs: RouterInputs, spec: MoeSpec) -> RouterOutput:
   logits = inputs.logits.reshape(num_groups, num_tokens, num_experts, -1)
   dispatch_logits = logits
   if inputs.mask is not None:
-    dispatch_logits = jnp.where(inputs.mask[..., None, None], logits, -jnp.inf)
+    # A finite floor, not -inf: in a group of padding only (the last evaluation
+    # batch) every dispatch weight would be NaN, and NaN * 0 is NaN in the combine.
+    floor = jnp.finfo(logits.dtype).min
+    dispatch_logits = jnp.where(inputs.mask[..., None, None], logits, floor)
   dispatch = jax.nn.softmax(dispatch_logits, axis=1)
   combine = jax.nn.softmax(logits.reshape(num_groups, num_tokens, -1), axis=-1).reshape(
     logits.shape
