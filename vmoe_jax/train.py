@@ -14,6 +14,7 @@ Reads top to bottom:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -30,7 +31,9 @@ from jax.experimental import multihost_utils
 
 from vmoe_jax import checkpointing
 from vmoe_jax import config_defaults
+from vmoe_jax import distill
 from vmoe_jax import fewshot
+from vmoe_jax import inference
 from vmoe_jax import input_pipeline
 from vmoe_jax import metrics as metrics_lib
 from vmoe_jax import optim
@@ -38,7 +41,9 @@ from vmoe_jax import results as results_lib
 from vmoe_jax import schedules
 from vmoe_jax import sharding
 from vmoe_jax import steps
+from vmoe_jax import transfer
 from vmoe_jax import validation
+from vmoe_jax import warm_start
 from vmoe_jax.errors import UserError
 from vmoe_jax.models import factory
 
@@ -140,15 +145,27 @@ def _due(step: int, every: int) -> bool:
   return every > 0 and step % every == 0
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains `config` in `workdir` (resuming from its checkpoint) and evaluates.
+@dataclasses.dataclass
+class Run:
+  """Everything a run builds before its first step (see `setup`)."""
 
-  Returns the final metrics: 'step', 'test/accuracy', 'test/loss', ...
-  """
-  config_defaults.validate(config)
-  validation.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
-  workdir = os.path.abspath(workdir)
-  is_writer = jax.process_index() == 0
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: Any
+  dataset: input_pipeline.Dataset
+  total_steps: int
+  steps_per_epoch: float
+  schedule: Any
+  model: Any
+  tx: Any
+  init_fn: Any
+  abstract_state: Any
+  shardings: Any
+  teacher: Any = None  # trained teacher (inference.TrainedModel) for distillation, or None.
+
+
+def setup(config, workdir: str) -> Run:
+  """Mesh, data, schedule, model, optimizer and the abstract state of a run."""
   mesh = sharding.create_mesh(config.mesh.expert, config.model.moe.num_experts)
   log.info(
     'Mesh %s over %d devices (%d processes).', dict(mesh.shape), mesh.size, jax.process_count()
@@ -163,160 +180,278 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh,
     dataset.image_shape,
   )
-
-  # Resume: the latest checkpoint of the workdir, if any, onto this mesh.
-  manager = checkpointing.create_manager(workdir, config.train.keep_checkpoints)
-  config_json = config_to_json(config)
-  last = checkpointing.latest_step(manager)
-  checkpointing.check_config(workdir, config_json, last is not None)
-  if last is not None:
-    state, _ = checkpointing.restore(manager, last, abstract_state)
-    log.info('Resumed from checkpoint %d.', last)
-  else:
-    state = init_fn(config.seed)
-  checkpointing.write_config(workdir, config_json)
-  checkpointing.write_dataset_info(workdir, dataset)
-  start_step = int(jax.device_get(state.step))
-  finished = os.path.join(workdir, 'results.json')
-  if start_step >= total_steps and os.path.exists(finished):
-    # A finished run: keep its results (and their timings) as they are.
-    log.info('%s already holds a run finished at step %d; nothing to do.', workdir, start_step)
-    with open(finished) as f:
-      return json.load(f)
-  num_params = factory.count_params(state.params)
-  log.info(
-    'Model: %s parameters; %d steps (%.1f epochs) from step %d.',
-    f'{num_params:,}',
+  teacher = None
+  if config.distill.teacher:
+    teacher = inference.load(config.distill.teacher)
+    log.info('Distilling from %s (step %d).', config.distill.teacher, teacher.step)
+  return Run(
+    config,
+    workdir,
+    mesh,
+    dataset,
     total_steps,
-    total_steps / steps_per_epoch,
-    start_step,
+    steps_per_epoch,
+    schedule,
+    model,
+    tx,
+    init_fn,
+    abstract_state,
+    shardings,
+    teacher,
   )
 
-  train_fn = jax.jit(
+
+def fresh_state(run: Run):
+  """The initial state: random, or with `init_from` / the teacher's weights mapped in."""
+  config = run.config
+  state = run.init_fn(config.seed)
+  if config.init_from:
+    source = warm_start.load_source(config.init_from, config.init.step)
+    params, line = warm_start.initial_params(
+      config, source, state.params, run.model, run.dataset.image_shape
+    )
+  elif config.distill.init_from_teacher:
+    params, report = distill.student_from_teacher(
+      warm_start.to_host(run.teacher.params), warm_start.to_host(state.params)
+    )
+    line = transfer.format_report(report, prefix='student_from_teacher')
+  else:
+    return state
+  log.info('%s', line)
+  return state.replace(params=jax.device_put(params, run.shardings.params))
+
+
+def initial_state(run: Run, manager):
+  """(state, last checkpoint step or None): resumed from the workdir, else fresh."""
+  resumed = checkpointing.restore_for_resume(
+    manager, run.abstract_state, run.config.train.on_corrupt
+  )
+  if resumed is not None:
+    state, _, last = resumed
+    log.info('Resumed from checkpoint %d.', last)
+    return state, last
+  return fresh_state(run), None
+
+
+def compile_steps(run: Run):
+  """(train_fn(state, batch), eval_fn(params, batch)), jitted."""
+  config = run.config
+  teacher, teacher_params = None, None
+  if run.teacher is not None:
+    teacher = steps.Teacher(run.teacher.model, config.distill.temperature, config.distill.alpha)
+    teacher_params = run.teacher.params
+  train_step = jax.jit(
     functools.partial(
       steps.train_step,
-      model=model,
-      tx=tx,
-      schedule=schedule,
+      model=run.model,
+      tx=run.tx,
+      schedule=run.schedule,
       accum_steps=config.train.grad_accum_steps,
       label_smoothing=config.optimizer.label_smoothing,
+      teacher=teacher,
     ),
     donate_argnums=0,
-    out_shardings=(shardings, None),
+    out_shardings=(run.shardings, None),
   )
-  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model))
-  fewshot_fn = fewshot.make_feature_fn(model, mesh) if config.fewshot.every >= 0 else None
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_writer, resume_step=start_step)
-  progress = metrics_lib.Progress(total_steps, start_step, config.input.batch_size)
-  batches = dataset.train_batches(start_step)
-  profile_dir = os.path.join(workdir, 'profile')
-  profile_start = config.profile.start_step
-  profile_end = profile_start + config.profile.num_steps if profile_start >= 0 else -1
-  last_saved = last
-  train_seconds = 0.0
-  previous = None  # (step, metrics) of the step before, checked once the next is queued.
+  eval_fn = jax.jit(functools.partial(steps.eval_step, model=run.model))
+  return (lambda state, batch: train_step(state, batch, teacher_params)), eval_fn
 
-  def check_finite(step, metrics):
-    if config.train.on_nonfinite == 'stop' and float(metrics['train/nonfinite']):
-      kept = f'checkpoint {last_saved} is kept' if last_saved is not None else 'no checkpoint'
+
+class Loop:
+  """The training loop's state between steps: checks, logging, evaluations, checkpoints."""
+
+  def __init__(self, run: Run, manager, state, last_saved, writer):
+    self.run, self.manager, self.writer = run, manager, writer
+    self.config = run.config
+    self.state, self.last_saved = state, last_saved
+    self.start_step = self.step = int(jax.device_get(state.step))
+    self.train_fn, self.eval_fn = compile_steps(run)
+    self.fewshot_fn = None
+    if self.config.fewshot.every >= 0:
+      self.fewshot_fn = fewshot.make_feature_fn(run.model, run.mesh)
+    self.progress = metrics_lib.Progress(
+      run.total_steps, self.start_step, self.config.input.batch_size
+    )
+    self.previous = None  # (step, metrics) of the step before, checked once the next is queued.
+    self.skipped = jnp.zeros((), jnp.float32)  # Steps skipped as not finite, since the start.
+
+  def check_finite(self, step, metrics) -> None:
+    if self.config.train.on_nonfinite == 'stop' and float(metrics['train/nonfinite']):
+      kept = (
+        f'checkpoint {self.last_saved} is kept' if self.last_saved is not None else 'no checkpoint'
+      )
       raise UserError(
         f'loss or gradients not finite at step {step} (loss={float(metrics["train/loss"])}); '
         f'stopped, {kept}. Lower optimizer.learning_rate or set --config.train.on_nonfinite=skip.'
       )
 
-  def save(step):
-    nonlocal last_saved
-    checkpointing.save(
-      manager, step, state, {'step': step, 'examples_seen': step * config.input.batch_size}
-    )
-    last_saved = step
+  def check_skipped(self) -> int:
+    """The steps skipped so far; stops the run when they are more than the allowed share."""
+    skipped, run_steps = int(jax.device_get(self.skipped)), self.step - self.start_step
+    limit = self.config.train.max_skipped_share
+    if run_steps >= 10 and skipped > limit * run_steps:
+      raise UserError(
+        f'{skipped} of the {run_steps} steps so far were skipped (loss or gradients not finite), '
+        f'more than train.max_skipped_share={limit}; lower optimizer.learning_rate, or raise '
+        '--config.train.max_skipped_share.'
+      )
+    return skipped
 
-  step = start_step
-  with _StopRequest() as stop:
-    loop_start = time.perf_counter()
-    while step < total_steps:
-      if step == profile_start and profile_end > profile_start:
-        jax.profiler.start_trace(profile_dir)
-      batch = sharding.global_batch(next(batches), mesh)
-      state, metrics = train_fn(state, batch)
-      step += 1
-      if previous is not None:
-        check_finite(*previous)
-      previous = (step, metrics)
-      if step == profile_end and profile_end > profile_start:
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-        log.info(
-          'Profile of steps [%d, %d) written to %s.', profile_start, profile_end, profile_dir
-        )
-      if _due(step, config.train.log_every) or step == total_steps:
-        check_finite(step, metrics)
-        metrics = jax.device_get(metrics)
-        rates = progress.report(step)
-        writer.write(
-          step,
-          {
-            **metrics,
-            'train/images_per_sec': rates['images_per_sec'],
-            'train/epoch': step / steps_per_epoch,
-          },
-        )
-        log.info(
-          'step %d/%d  loss %.4f  acc %.3f  %.0f img/s  ETA %s',
-          step,
-          total_steps,
-          metrics['train/loss'],
-          metrics['train/accuracy'],
-          rates['images_per_sec'],
-          metrics_lib.format_duration(rates['eta_sec']),
-        )
-      if _due(step, config.train.eval_every) and step < total_steps:
-        test = evaluate(eval_fn, state.params, dataset, mesh)
-        writer.write(step, {f'test/{k}': v for k, v in test.items()})
-        log.info('step %d  test accuracy %.4f  loss %.4f', step, test['accuracy'], test['loss'])
-      if fewshot_fn and _due(step, config.fewshot.every) and step < total_steps:
-        writer.write(
-          step,
-          fewshot.evaluate_metrics(fewshot_fn, state.params, dataset, mesh, config.fewshot, step),
-        )
-      if _due(step, config.train.checkpoint_every) and step < total_steps:
-        check_finite(step, metrics)
-        save(step)
-      if stop.should_stop(step):
-        check_finite(step, metrics)
-        save(step)
-        manager.wait_until_finished()
-        writer.close()
-        raise UserError(
-          f'stopped by {stop.signal} at step {step}; checkpoint {step} saved in '
-          f'{workdir}, run the same command to resume.'
-        )
-    jax.block_until_ready(state)
-    train_seconds = time.perf_counter() - loop_start
+  def save(self, step: int) -> None:
+    meta = {'step': step, 'examples_seen': step * self.config.input.batch_size}
+    checkpointing.save(self.manager, step, self.state, meta)
+    self.last_saved = step
 
-  # Final evaluation and checkpoint.
-  test = evaluate(eval_fn, state.params, dataset, mesh)
-  fewshot_metrics = {}
-  if fewshot_fn:
-    fewshot_metrics = fewshot.evaluate_metrics(
-      fewshot_fn, state.params, dataset, mesh, config.fewshot, step
+  def evaluate(self, step: int) -> dict:
+    test = evaluate(self.eval_fn, self.state.params, self.run.dataset, self.run.mesh)
+    self.writer.write(step, {f'test/{k}': v for k, v in test.items()})
+    log.info('step %d  test accuracy %.4f  loss %.4f', step, test['accuracy'], test['loss'])
+    return test
+
+  def fewshot(self, step: int) -> dict:
+    run = self.run
+    return fewshot.evaluate_metrics(
+      self.fewshot_fn, self.state.params, run.dataset, run.mesh, self.config.fewshot, step
     )
-  if last_saved != step:
-    save(step)
-  manager.wait_until_finished()
-  results = {
-    'step': step,
-    'num_params': num_params,
-    **{f'test/{k}': v for k, v in test.items()},
-    **fewshot_metrics,
-    'train_seconds': train_seconds,
-    'train_steps_run': step - start_step,
-    'step_seconds': progress.median_step_seconds(),
-    'eval_images_per_sec': _inference_speed(eval_fn, state.params, dataset, mesh),
-  }
-  writer.write(step, {k: v for k, v in results.items() if k != 'step' and v is not None})
+
+  def log_step(self, step: int, metrics) -> None:
+    self.check_finite(step, metrics)
+    skipped = self.check_skipped()
+    metrics = jax.device_get(metrics)
+    rates = self.progress.report(step)
+    extra = {
+      'train/images_per_sec': rates['images_per_sec'],
+      'train/epoch': step / self.run.steps_per_epoch,
+      'train/skipped_steps': skipped,
+    }
+    self.writer.write(step, {**metrics, **extra})
+    log.info(
+      'step %d/%d  loss %.4f  acc %.3f  %.0f img/s  ETA %s',
+      step,
+      self.run.total_steps,
+      metrics['train/loss'],
+      metrics['train/accuracy'],
+      rates['images_per_sec'],
+      metrics_lib.format_duration(rates['eta_sec']),
+    )
+
+  def one_step(self, batch) -> None:
+    """A step, then (for the step before) the non-finite check, without waiting on this one."""
+    self.state, metrics = self.train_fn(self.state, batch)
+    self.skipped = self.skipped + metrics['train/nonfinite']
+    self.step += 1
+    if self.previous is not None:
+      self.check_finite(*self.previous)
+    self.previous = (self.step, metrics)
+
+  def after_step(self, stop) -> None:
+    config, step, total = self.config, self.step, self.run.total_steps
+    metrics = self.previous[1]
+    if _due(step, config.train.log_every) or step == total:
+      self.log_step(step, metrics)
+    if _due(step, config.train.eval_every) and step < total:
+      self.evaluate(step)
+    if self.fewshot_fn and _due(step, config.fewshot.every) and step < total:
+      self.writer.write(step, self.fewshot(step))
+    if _due(step, config.train.checkpoint_every) and step < total:
+      self.check_finite(step, metrics)
+      self.save(step)
+    if stop.should_stop(step):
+      self.check_finite(step, metrics)
+      self.save(step)
+      self.manager.wait_until_finished()
+      self.writer.close()
+      raise UserError(
+        f'stopped by {stop.signal} at step {step}; checkpoint {step} saved in '
+        f'{self.run.workdir}, run the same command to resume.'
+      )
+
+  def train(self) -> float:
+    """Steps to the end (profiling the configured steps); the loop's seconds."""
+    profile = self.config.profile
+    profile_dir = os.path.join(self.run.workdir, 'profile')
+    profile_end = profile.start_step + profile.num_steps if profile.start_step >= 0 else -1
+    batches = self.run.dataset.train_batches(self.step)
+    with _StopRequest() as stop:
+      start = time.perf_counter()
+      while self.step < self.run.total_steps:
+        if self.step == profile.start_step and profile_end > profile.start_step:
+          jax.profiler.start_trace(profile_dir)
+        self.one_step(sharding.global_batch(next(batches), self.run.mesh))
+        if self.step == profile_end and profile_end > profile.start_step:
+          jax.block_until_ready(self.state)
+          jax.profiler.stop_trace()
+          log.info(
+            'Profile of steps [%d, %d) written to %s.', profile.start_step, profile_end, profile_dir
+          )
+        self.after_step(stop)
+      jax.block_until_ready(self.state)
+      return time.perf_counter() - start
+
+  def finish(self, train_seconds: float, num_params: int) -> dict:
+    """Final evaluation and checkpoint; the results (written to results.json)."""
+    run, step = self.run, self.step
+    test = evaluate(self.eval_fn, self.state.params, run.dataset, run.mesh)
+    fewshot_metrics = self.fewshot(step) if self.fewshot_fn else {}
+    if self.last_saved != step:
+      self.save(step)
+    self.manager.wait_until_finished()
+    results = {
+      'step': step,
+      'num_params': num_params,
+      **{f'test/{k}': v for k, v in test.items()},
+      **fewshot_metrics,
+      'train_seconds': train_seconds,
+      'train_steps_run': step - self.start_step,
+      'skipped_steps': int(jax.device_get(self.skipped)),
+      'step_seconds': self.progress.median_step_seconds(),
+      'eval_images_per_sec': _inference_speed(
+        self.eval_fn, self.state.params, run.dataset, run.mesh
+      ),
+    }
+    self.writer.write(step, {k: v for k, v in results.items() if k != 'step' and v is not None})
+    log.info('Final: step %d  test accuracy %.4f  (%d params)', step, test['accuracy'], num_params)
+    return results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming from its checkpoint) and evaluates.
+
+  Returns the final metrics: 'step', 'test/accuracy', 'test/loss', ...
+  """
+  config_defaults.validate(config)
+  validation.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  workdir = os.path.abspath(workdir)
+  config_json = config_to_json(config)
+  finished = checkpointing.check_workdir(workdir, config_json)
+  if finished is not None:  # A finished run, rerun as it was: its results, nothing written.
+    return finished
+  run = setup(config, workdir)
+  manager = checkpointing.create_manager(workdir, config.train.keep_checkpoints)
+  checkpointing.check_config(workdir, config_json, bool(manager.all_steps()))
+  state, last = initial_state(run, manager)
+  start_step = int(jax.device_get(state.step))
+  if start_step >= run.total_steps and os.path.exists(os.path.join(workdir, 'results.json')):
+    log.info('%s already holds a run finished at step %d; nothing to do.', workdir, start_step)
+    manager.close()
+    return checkpointing.read_json(workdir, 'results.json')
+  checkpointing.write_config(workdir, config_json)
+  checkpointing.write_dataset_info(workdir, run.dataset)
+  num_params = factory.count_params(state.params)
+  log.info(
+    'Model: %s parameters; %d steps (%.1f epochs) from step %d.',
+    f'{num_params:,}',
+    run.total_steps,
+    run.total_steps / run.steps_per_epoch,
+    start_step,
+  )
+  is_writer = jax.process_index() == 0
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_writer, resume_step=start_step)
+  loop = Loop(run, manager, state, last, writer)
+  if start_step == 0 and (config.init_from or config.distill.init_from_teacher):
+    loop.evaluate(0)  # What the transfer starts from.
+  results = loop.finish(loop.train(), num_params)
   writer.close()
-  log.info('Final: step %d  test accuracy %.4f  (%d params)', step, test['accuracy'], num_params)
   if is_writer:
     results_lib.write(workdir, results)
   return results

@@ -60,13 +60,13 @@ def load_source(path: str, step: int = -1) -> Source:
     )
   workdir, step = _split_checkpoint_dir(path, step)
   trained = inference.load(workdir, step=None if step < 0 else step)
-  params = _to_host(trained.params)
+  params = to_host(trained.params)
   patch = trained.model.patch_size
   grid = (trained.image_shape[0] // patch, trained.image_shape[1] // patch)
   return Source(params, f'{workdir} step {trained.step}', grid, trained)
 
 
-def _to_host(tree: Any) -> Any:
+def to_host(tree: Any) -> Any:
   """NumPy copies of (possibly sharded, multi-process) arrays."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -88,7 +88,7 @@ def initial_params(config, source: Source, fresh: Any, model, image_shape) -> tu
   noise = config.init.upcycle_noise_std
   params, report = transfer.init_params(
     source.params,
-    jax.tree.map(np.asarray, jax.device_get(fresh)),
+    to_host(fresh),
     source_grid=source.grid,
     target_grid=target_grid(model, image_shape),
     upcycle_noise_std=noise,
