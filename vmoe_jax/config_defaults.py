@@ -111,6 +111,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 500  # <= 0: only the final checkpoint.
   config.train.keep_checkpoints = 3
   config.train.on_nonfinite = 'stop'  # 'stop' or 'skip' the step.
+  # 'fail' or 'previous': on a corrupt checkpoint, stop, or resume from the newest good earlier one.
+  config.train.on_corrupt = 'fail'
 
   # Few-shot linear evaluation on frozen pre-logits (`vmoe_jax/fewshot.py`):
   # ridge regression on k train images per class, accuracy on the test set,

@@ -442,25 +442,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     dataset.image_shape,
   )
 
-  # Resume: the latest checkpoint of the workdir, if any, onto this mesh.
+  # Resume: the newest checkpoint of the workdir that verifies, if any, onto this mesh.
   manager = checkpointing.create_manager(workdir, config.train.keep_checkpoints)
   config_json = config_to_json(config)
-  last = checkpointing.latest_step(manager)
-  checkpointing.check_config(workdir, config_json, last is not None)
-  if last is not None:
-    state, _ = checkpointing.restore(manager, last, abstract_state)
+  checkpointing.check_config(workdir, config_json, bool(manager.all_steps()))
+  resumed = checkpointing.restore_for_resume(manager, abstract_state, config.train.on_corrupt)
+  if resumed is not None:
+    state, _, last = resumed
     log.info('Resumed from checkpoint %d.', last)
   else:
-    state = init_fn(config.seed)
-  checkpointing.write_config(workdir, config_json)
-  checkpointing.write_dataset_info(workdir, dataset)
+    state, last = init_fn(config.seed), None
   start_step = int(jax.device_get(state.step))
   finished = os.path.join(workdir, 'results.json')
   if start_step >= total_steps and os.path.exists(finished):
     # A finished run: keep its results (and their timings) as they are.
     log.info('%s already holds a run finished at step %d; nothing to do.', workdir, start_step)
+    manager.close()
     with open(finished) as f:
       return json.load(f)
+  checkpointing.write_config(workdir, config_json)
+  checkpointing.write_dataset_info(workdir, dataset)
   num_params = count_params(state.params)
   log.info(
     'Model: %s parameters; %d steps (%.1f epochs) from step %d.',
