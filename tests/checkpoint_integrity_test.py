@@ -1,4 +1,4 @@
-"""Checkpoint integrity: checksums, corrupt checkpoints refused in one line.
+"""Checkpoint integrity: checksums, corrupt checkpoints refused in one line, workdir safety.
 
 The corrupt checkpoints are real ones, of a short digits run: orbax writes the
 state as an OCDBT database (tensorstore), whose B-tree says in which data
@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -353,3 +354,41 @@ def test_nonfinite_params_are_neither_saved_nor_restored(run_dir, tmp_path, capl
   _write(workdir, 24, {'params': bad}, {'step': 24})
   with pytest.raises(UserError, match=r'checkpoints/24 is corrupt: params/head/kernel holds 2 non'):
     inference.load(str(workdir), step=24)
+
+
+# --------------------------------------------------------------------------- workdir
+
+
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
+  path = tmp_path / 'a_file'
+  path.write_text('keep me')
+  line = one_error_line(main(path, 2))
+  assert line == f'error: --workdir={path} is a file, not a directory; pass a directory.'
+  assert path.read_text() == 'keep me'
+  with pytest.raises(UserError, match=r'a_file/run cannot be written \(NotADirectoryError'):
+    checkpointing.check_workdir_writable(str(path / 'run'))
+
+
+def test_a_finished_run_rerun_writes_nothing(run_dir, tmp_path):
+  workdir = _copy(run_dir, tmp_path)
+  config = (workdir / 'config.json').read_text()
+  before = listing(workdir)
+  for root, dirs, files in os.walk(workdir):  # Read-only (root still writes: hence the listing).
+    for name in dirs + files:
+      path = os.path.join(root, name)
+      os.chmod(path, os.stat(path).st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+  os.chmod(workdir, 0o555)
+  try:
+    same = main(workdir, 20)
+    assert same.returncode == 0, same.stderr[-3000:]
+    assert 'already holds a run finished at step 20; nothing to do' in same.stderr
+    other = main(workdir, 20, '--config.optimizer.learning_rate=0.002')
+    line = one_error_line(other)
+    assert line == (
+      f'error: {workdir} already holds a finished run; it differs from this command in '
+      'optimizer.learning_rate (was 0.006, now 0.002); use a new --workdir.'
+    )
+  finally:
+    os.chmod(workdir, 0o755)
+  assert listing(workdir) == before
+  assert (workdir / 'config.json').read_text() == config

@@ -424,6 +424,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   config_defaults.validate(config)
   workdir = os.path.abspath(workdir)
+  finished = checkpointing.check_workdir(workdir, config_to_json(config))
+  if finished is not None:  # A finished run, rerun as it was: its results, nothing written.
+    return finished
   is_writer = jax.process_index() == 0
   mesh = sharding.create_mesh(config.mesh.expert, config.model.moe.num_experts)
   _check_batch(config, mesh)
@@ -458,8 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # A finished run: keep its results (and their timings) as they are.
     log.info('%s already holds a run finished at step %d; nothing to do.', workdir, start_step)
     manager.close()
-    with open(finished) as f:
-      return json.load(f)
+    return checkpointing.read_json(workdir, 'results.json')
   checkpointing.write_config(workdir, config_json)
   checkpointing.write_dataset_info(workdir, dataset)
   num_params = count_params(state.params)
