@@ -367,18 +367,25 @@ def _read_problem(where: str, error: Exception) -> str:
   while seen is not None and len(chain) < 10:
     chain.append(seen)
     seen = seen.__cause__ or seen.__context__
-  texts = [str(e) for e in chain]
-  for text in reversed(texts):
+  for error in reversed(chain):
+    text = _without_reprs(str(error))
     match = _READ_ERROR.search(text)
     if match:
       name = match.group(1).replace('.', '/')
-      reason = text[match.end() :].split('": ', 1)[-1]
-      reason = reason.split('; at byte')[0].strip().splitlines()[0][:200]
-      return f'checkpoint {where} is corrupt: {name} cannot be read ({reason})'
+      reason = text[match.end() :].split('": ', 1)[-1].split('; at byte')[0]
+      return f'checkpoint {where} is corrupt: {name} cannot be read ({reason[:200]})'
   innermost = chain[-1]
-  lines = str(innermost).strip().splitlines()
-  text = lines[0].split(' See full TensorStore details')[0][:200] if lines else ''
+  text = _without_reprs(str(innermost))[:200]
   return f'checkpoint {where} cannot be read ({type(innermost).__name__}: {text})'
+
+
+def _without_reprs(text: str) -> str:
+  """The first line of an error message, without TensorStore's spec and object reprs."""
+  lines = text.strip().splitlines()
+  line = lines[0] if lines else ''
+  for tail in (' See full TensorStore details', ' [tensorstore_spec='):
+    line = line.split(tail)[0]
+  return line.strip()
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
