@@ -142,7 +142,8 @@ def get_config() -> ml_collections.ConfigDict:
   # With on_nonfinite=skip: stop once more than this share of the steps so far
   # (after 10 steps) were skipped.
   config.train.max_skipped_share = 0.1
-  config.train.on_corrupt = 'fail'  # 'fail' or 'previous': a checkpoint that cannot be read.
+  # 'fail' or 'previous': on a corrupt checkpoint, stop, or resume from the newest good one.
+  config.train.on_corrupt = 'fail'
 
   # Transfer: start the parameters from another run (a workdir or a checkpoint
   # directory); '' starts from scratch.

@@ -29,7 +29,6 @@ from vmoe_jax import checkpointing
 from vmoe_jax import config_defaults
 from vmoe_jax import sharding
 from vmoe_jax import steps
-from vmoe_jax.errors import UserError
 from vmoe_jax.models import factory
 
 
@@ -104,20 +103,10 @@ def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
 def restore_params(
   workdir: str, config, mesh: Mesh, num_classes: int, image_shape, step: int | None = None
 ):
-  """(model, params, step): the params of checkpoint `step` (default: latest) on `mesh`."""
+  """(model, params, step): the verified params of checkpoint `step` (default: latest) on `mesh`."""
   model = factory.create_model(config, num_classes, mesh)
   target = steps.abstract_params(model, mesh, image_shape)
-  manager = checkpointing.create_manager(workdir, keep=0, async_save=False, create=False)
-  try:
-    if step is None:
-      step = manager.latest_step()
-      if step is None:
-        raise UserError(f'{workdir} has no checkpoint; train first or check --workdir.')
-    elif step not in manager.all_steps():
-      raise UserError(f'{workdir} has no checkpoint {step}; it has {sorted(manager.all_steps())}.')
-    params = checkpointing.restore_params(manager, step, target)
-  finally:
-    manager.close()
+  params, step = checkpointing.load_params(workdir, target, step)
   return model, params, step
 
 
