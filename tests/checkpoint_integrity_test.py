@@ -246,7 +246,7 @@ def test_on_corrupt_previous_resumes_from_the_checkpoint_before_and_keeps_the_by
 def test_on_corrupt_is_checked(run_dir, tmp_path):
   workdir = _copy(run_dir, tmp_path)
   line = one_error_line(main(workdir, 30, '--config.train.on_corrupt=ignore'))
-  assert "train.on_corrupt='ignore'; use 'fail' or 'previous'" in line
+  assert "train.on_corrupt='ignore' must be one of 'fail', 'previous'" in line
 
 
 # --------------------------------------------------------------------------- checksums

@@ -110,7 +110,7 @@ def test_router_names_are_the_choices_of_model_moe_router():
     validation.validate(config)
   config.model.moe.router = 'top1'
   assert refused(config) == (
-    "model.moe.router='top1' must be one of 'topk', 'expert_choice', 'soft', 'image_topk', "
+    "model.moe.router='top1' must be one of 'topk', 'image_topk', 'expert_choice', 'soft', "
     "'dropless'; pass e.g. --config.model.moe.router=topk."
   )
 
@@ -418,7 +418,9 @@ def test_battery(name, overrides, message):
 
 
 def test_batches_against_devices_processes_accumulation_and_groups():
-  config = load_config('digits_switch.py')  # Batch 128, eval 360, 8 experts, group_size 0.
+  config = load_config('digits_switch.py')
+  config.input.eval_batch_size = 360
+  config.model.moe.group_size = 0  # Batch 128, eval 360, 8 experts, all images of a device.
   validation.validate(config, num_devices=8)
   assert refused(config, num_devices=16) == (
     'input.eval_batch_size=360 does not split over the 16 devices; use a multiple of 16 '

@@ -366,27 +366,26 @@ class Loop:
         f'{self.run.workdir}, run the same command to resume.'
       )
 
-  def train(self) -> float:
+  def train(self, stop: _StopRequest) -> float:
     """Steps to the end (profiling the configured steps); the loop's seconds."""
     profile = self.config.profile
     profile_dir = os.path.join(self.run.workdir, 'profile')
     profile_end = profile.start_step + profile.num_steps if profile.start_step >= 0 else -1
     batches = self.run.dataset.train_batches(self.step)
-    with _StopRequest() as stop:
-      start = time.perf_counter()
-      while self.step < self.run.total_steps:
-        if self.step == profile.start_step and profile_end > profile.start_step:
-          jax.profiler.start_trace(profile_dir)
-        self.one_step(sharding.global_batch(next(batches), self.run.mesh))
-        if self.step == profile_end and profile_end > profile.start_step:
-          jax.block_until_ready(self.state)
-          jax.profiler.stop_trace()
-          log.info(
-            'Profile of steps [%d, %d) written to %s.', profile.start_step, profile_end, profile_dir
-          )
-        self.after_step(stop)
-      jax.block_until_ready(self.state)
-      return time.perf_counter() - start
+    start = time.perf_counter()
+    while self.step < self.run.total_steps:
+      if self.step == profile.start_step and profile_end > profile.start_step:
+        jax.profiler.start_trace(profile_dir)
+      self.one_step(sharding.global_batch(next(batches), self.run.mesh))
+      if self.step == profile_end and profile_end > profile.start_step:
+        jax.block_until_ready(self.state)
+        jax.profiler.stop_trace()
+        log.info(
+          'Profile of steps [%d, %d) written to %s.', profile.start_step, profile_end, profile_dir
+        )
+      self.after_step(stop)
+    jax.block_until_ready(self.state)
+    return time.perf_counter() - start
 
   def finish(self, train_seconds: float, num_params: int) -> dict:
     """Final evaluation and checkpoint; the results (written to results.json)."""
@@ -446,11 +445,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start_step,
   )
   is_writer = jax.process_index() == 0
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_writer, resume_step=start_step)
-  loop = Loop(run, manager, state, last, writer)
-  if start_step == 0 and (config.init_from or config.distill.init_from_teacher):
-    loop.evaluate(0)  # What the transfer starts from.
-  results = loop.finish(loop.train(), num_params)
+  with _StopRequest() as stop:  # From here on, SIGTERM / Ctrl-C stop at a step with a checkpoint.
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_writer, resume_step=start_step)
+    loop = Loop(run, manager, state, last, writer)
+    if start_step == 0 and (config.init_from or config.distill.init_from_teacher):
+      loop.evaluate(0)  # What the transfer starts from.
+    train_seconds = loop.train(stop)
+  results = loop.finish(train_seconds, num_params)
   writer.close()
   if is_writer:
     results_lib.write(workdir, results)
