@@ -1,6 +1,17 @@
-r"""Dense ViT on Fashion-MNIST (the benchmark of these machines; recipe being tuned).
+r"""Dense ViT on Fashion-MNIST: the benchmark of these machines.
 
-python -m vmoe_jax.main --config=configs/fashion_vit.py --workdir=/tmp/fashion_vit
+  python -m vmoe_jax.main --config=configs/fashion_vit.py --workdir=/tmp/fashion_vit
+  python -m vmoe_jax.main --config=configs/fashion_vit.py:val ...   # tuning split
+
+Model: 28x28 grey images, a convolutional stem (Xiao et al. 2021: two 3x3
+stride-2 convolutions to 7x7 tokens, counted in the FLOPs), width 128,
+depth 4, 4 heads, MLP 512, global average pooling. AdamW 2e-3 with a cosine
+decay after 200 warmup steps, batch 128, no augmentation, no label smoothing.
+
+`:val` trains on train[:54000] and evaluates on train[54000:] (the held-out
+slice all tuning used; the test split was never looked at while tuning).
+What was tried, and the measured figures, are in docs/fashion_mnist.md; the
+README's results table is `python launch/fashion_table.py --table=main`.
 """
 
 from vmoe_jax import config_defaults
@@ -13,29 +24,29 @@ def get_config(arg=None):
   config.model.patch_size = 4
   config.model.stem = 'conv'
   config.model.width = 128
-  config.model.depth = 6
+  config.model.depth = 4
   config.model.num_heads = 4
   config.model.mlp_dim = 512
   config.model.classifier = 'gap'
 
   config.input.dataset = 'fashion_mnist'
   config.input.batch_size = 128
-  config.input.eval_batch_size = 500
-  config.input.crop_padding = 2
-  config.input.flip = True
+  config.input.eval_batch_size = 512  # 10,000 test images in 20 padded batches.
+  config.input.crop_padding = 0
+  config.input.flip = False
   if arg == 'val':
     config.input.train_split = 'train[:54000]'
     config.input.test_split = 'train[54000:]'
 
   config.optimizer.name = 'adamw'
-  config.optimizer.learning_rate = 1e-3
+  config.optimizer.learning_rate = 2e-3
   config.optimizer.weight_decay = 5e-5
   config.optimizer.head_weight_decay = 5e-5
-  config.optimizer.label_smoothing = 0.1
+  config.optimizer.label_smoothing = 0.0
   config.schedule.decay = 'cosine'
   config.schedule.warmup_steps = 200
-  config.train.num_steps = 2000
+  config.train.num_steps = 2400
   config.train.log_every = 100
-  config.train.eval_every = 1000
-  config.train.checkpoint_every = 1000
+  config.train.eval_every = 0  # Evaluated once, at the end.
+  config.train.checkpoint_every = 600
   return config

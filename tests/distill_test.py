@@ -13,6 +13,7 @@ from vmoe_jax import distill
 from vmoe_jax import transfer
 from vmoe_jax.errors import UserError
 from vmoe_jax.models import vit
+from vmoe_jax.moe.spec import MoeSpec
 
 LOGITS = jax.random.normal(jax.random.key(0), (6, 5)) * 2
 TEACHER = jax.random.normal(jax.random.key(1), (6, 5)) * 3
@@ -117,7 +118,7 @@ def init(model, seed=0):
   )
 
 
-TEACHER_VIT = make_vit(moe=dict(num_experts=4), moe_layers=(1, 3))
+TEACHER_VIT = make_vit(moe=MoeSpec(num_experts=4, layers=(1, 3), mlp_dim=32, group_size=0))
 
 
 def test_dense_student_gets_the_non_expert_weights():

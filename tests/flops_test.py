@@ -1,10 +1,18 @@
 """Analytic FLOP counts against hand-worked numbers."""
 
+import os
+
 import pytest
 
+from vmoe_jax import config_defaults
 from vmoe_jax import flops
+from vmoe_jax.models import factory
 from vmoe_jax.models import vit
 from vmoe_jax.moe.spec import MoeSpec
+
+
+# A file in configs/: sibling_config resolves names next to it.
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'x.py')
 
 
 def small(**kwargs):
@@ -57,3 +65,21 @@ def test_map_head_flops_by_hand():
   f_gap, f_map = flops.forward_flops(gap, (16, 16, 3)), flops.forward_flops(map_, (16, 16, 3))
   assert f_map['head'] - f_gap['head'] == extra
   assert f_map['attention'] == f_gap['attention']
+
+
+@pytest.mark.parametrize('name', ['fashion_switch', 'fashion_vmoe'])
+def test_fashion_configs_have_the_dense_active_flops(name):
+  """Switch (K=1, experts of the dense width) and V-MoE (K=2, half width) match the dense ViT.
+
+  By hand: 7x7 = 49 tokens, width 128; the two MoE blocks' expert FLOPs are
+  K * 49 * 2 * 2 * 128 * H with K * H = 512, the dense MLP's 49 * 2 * 2 * 128 * 512.
+  The only extra work is the router, 2 * 49 * 128 * 8 per MoE block.
+  """
+  dense_config = config_defaults.sibling_config(CONFIGS, 'fashion_vit.py')
+  moe_config = config_defaults.sibling_config(CONFIGS, f'{name}.py')
+  dense = flops.forward_flops(factory.create_model(dense_config, 10), (28, 28, 1))
+  moe = flops.forward_flops(factory.create_model(moe_config, 10), (28, 28, 1))
+  assert moe['experts'] == 2 * 49 * 2 * 2 * 128 * 512
+  assert moe['mlp'] + moe['experts'] == dense['mlp']
+  assert moe['router'] == 2 * (2 * 49 * 128 * 8)
+  assert moe['total'] - dense['total'] == moe['router']

@@ -12,6 +12,7 @@ from vmoe_jax import transfer
 from vmoe_jax.errors import UserError
 from vmoe_jax.models import heads
 from vmoe_jax.models import vit
+from vmoe_jax.moe.spec import MoeSpec
 
 WIDTH, MLP, EXPERTS = 16, 32, 4
 NO_DROP = dict(capacity_factor=EXPERTS, eval_capacity_factor=EXPERTS)
@@ -25,7 +26,9 @@ def make_vit(**kwargs):
 def moe_vit(num_experts=EXPERTS, **kwargs):
   moe = dict(num_experts=num_experts, num_selected=1, renormalize=True, **NO_DROP)
   moe.update(kwargs.pop('moe', {}))
-  return make_vit(moe=moe, moe_layers=(1, 3), **kwargs)
+  moe.setdefault('mlp_dim', MLP)
+  moe.setdefault('group_size', 0)  # The tests init with one image.
+  return make_vit(moe=MoeSpec(layers=(1, 3), **moe), **kwargs)
 
 
 def init(model, image=8, seed=0, boxed=False):

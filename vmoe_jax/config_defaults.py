@@ -306,3 +306,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for path in _flatten(config):
     if path not in known:
       raise UserError(unknown_key_message(path, list(known)))
+
+
+def sibling_config(config_file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """get_config(arg) of the config file `name` next to `config_file`.
+
+  Lets one config build on another (configs/fashion_switch.py on
+  configs/fashion_vit.py) without the configs directory being a package on
+  sys.path, so `--config=/abs/path/fashion_switch.py` works from anywhere.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name)
+  if not os.path.exists(path):
+    raise UserError(f'{config_file} builds on {path}, which does not exist; keep the two together.')
+  spec = importlib.util.spec_from_file_location(f'_vmoe_config_{name[:-3]}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
