@@ -15,6 +15,7 @@ from vmoe_jax import config_defaults
 
 
 def get_config(arg=None):
+  arg = config_defaults.config_arg(arg, ('val',), __file__)
   config = config_defaults.sibling_config(__file__, 'fashion_vit.py', arg)
   config_defaults.apply_moe_preset(config, 'vmoe')
   moe = config.model.moe

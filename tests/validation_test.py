@@ -25,7 +25,9 @@ CONFIG_ARGS = {
   'cifar10_vmoe.py': (None, 'local'),
   'digits_switch.py': (None,),
   'digits_vit.py': (None,),
+  'fashion_switch.py': (None, 'val'),
   'fashion_vit.py': (None, 'val'),
+  'fashion_vmoe.py': (None, 'val'),
 }
 
 
@@ -382,7 +384,7 @@ BATTERY = [
   (
     'fashion_vit.py',
     {'schedule.end_value': 0.01},
-    'schedule.end_value=0.01 exceeds the peak optimizer.learning_rate=0.001',
+    'schedule.end_value=0.01 exceeds the peak optimizer.learning_rate=0.002',
   ),
   ('digits_switch.py', {'profile.start_step': 1500}, 'profile.start_step=1500 is never reached'),
   # Cross-field: transfer.
