@@ -22,9 +22,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from vmoe_jax import checkpointing
 from vmoe_jax import inference
 from vmoe_jax import transfer
+from vmoe_jax import workdirs
 from vmoe_jax.errors import UserError
 
 
@@ -42,7 +42,7 @@ def _split_checkpoint_dir(path: str, step: int) -> tuple[str, int]:
   """'W/checkpoints/500' -> ('W', 500); a workdir -> (it, step)."""
   path = os.path.abspath(path)
   parent, name = os.path.split(path)
-  if re.fullmatch(r'\d+', name) and os.path.basename(parent) == checkpointing.CHECKPOINT_DIR:
+  if re.fullmatch(r'\d+', name) and os.path.basename(parent) == workdirs.CHECKPOINT_DIR:
     return os.path.dirname(parent), int(name)
   return path, step
 
