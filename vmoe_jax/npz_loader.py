@@ -21,7 +21,6 @@ import numpy as np
 from vmoe_jax.errors import UserError
 from vmoe_jax.transfer import unflatten
 
-
 _PREFIXES = ('params/', 'opt/target/')  # big_vision; old ViT releases with optimizer state.
 _TOP_LEVEL = {
   'embedding/kernel': 'embedding/kernel',
