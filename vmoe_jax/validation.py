@@ -27,6 +27,8 @@ import ml_collections
 from vmoe_jax import config_defaults
 from vmoe_jax import input_pipeline
 from vmoe_jax.errors import UserError
+from vmoe_jax.errors import check_process_split
+from vmoe_jax.errors import check_split
 from vmoe_jax.models import vit
 from vmoe_jax.validation_rules import IMAGE_SIDES
 from vmoe_jax.validation_rules import IN_MEMORY_SPLITS
@@ -151,22 +153,20 @@ def _check_moe(v) -> None:
 
 def _check_processes(v, process_count: int) -> None:
   for key in ('input.batch_size', 'input.eval_batch_size'):
-    if v[key] % process_count:
-      raise UserError(
-        f'{key}={v[key]} does not split over {process_count} processes; use a multiple of '
-        f'{process_count} that is also a multiple of the device count (--config.{key}).'
-      )
+    check_process_split(key, v[key], process_count)
 
 
 def _check_devices(v, num_devices: int) -> None:
   """Batches over the devices, routing groups within a device, the expert mesh axis."""
   batch, accum = v['input.batch_size'], v['train.grad_accum_steps']
   for key in ('input.batch_size', 'input.eval_batch_size'):
-    if v[key] % num_devices:
-      raise UserError(
-        f'{key}={v[key]} does not split over the {num_devices} devices; use a multiple of '
-        f'{num_devices} (--config.{key}).'
-      )
+    check_split(
+      v[key],
+      num_devices,
+      f'{key}={v[key]}',
+      f'the {num_devices} devices',
+      f'use a multiple of {num_devices} (--config.{key}).',
+    )
   micro = batch // accum
   if micro % num_devices:
     raise UserError(

@@ -46,6 +46,7 @@ from vmoe_jax import input_pipeline
 from vmoe_jax import routing_stats
 from vmoe_jax import sharding
 from vmoe_jax.errors import UserError
+from vmoe_jax.errors import check_split
 from vmoe_jax.tools import eval_maps
 from vmoe_jax.tools import eval_report
 
@@ -308,11 +309,13 @@ def run(
   config, mesh, spec = trained.config, trained.mesh, trained.model.moe
   output_dir = os.path.abspath(output_dir or os.path.join(workdir, 'eval'))
   os.makedirs(output_dir, exist_ok=True)
-  if config.input.eval_batch_size % mesh.size:
-    raise UserError(
-      f'input.eval_batch_size={config.input.eval_batch_size} does not split over the '
-      f'{mesh.size} devices; run on a device count that divides it.'
-    )
+  check_split(
+    config.input.eval_batch_size,
+    mesh.size,
+    f'input.eval_batch_size={config.input.eval_batch_size}',
+    f'the {mesh.size} devices',
+    'run on a device count that divides it.',
+  )
   dataset = input_pipeline.create_dataset(config)
   sweep = maps = None
   settings = [Setting(None, None)]
