@@ -17,6 +17,7 @@ from vmoe_jax import inference
 from vmoe_jax import input_pipeline
 from vmoe_jax import metrics
 from vmoe_jax import train
+from vmoe_jax import workdirs
 from vmoe_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -213,7 +214,7 @@ def test_inference_reads_only_params(tmp_path):
   train.train_and_evaluate(config, str(tmp_path))
   saved = jax.device_get(inference.load(str(tmp_path)).params)
   # Pretend another optimizer wrote it: the optimizer state no longer matches.
-  path = tmp_path / checkpointing.CONFIG_FILE
+  path = tmp_path / workdirs.CONFIG_FILE
   written = json.loads(path.read_text())
   written['optimizer']['name'] = 'sgd'
   path.write_text(json.dumps(written))

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vmoe_jax import npz_loader
+from vmoe_jax import pos_resize
 from vmoe_jax import transfer
 from vmoe_jax.errors import UserError
 from vmoe_jax.models import heads
@@ -192,11 +194,11 @@ def test_resize_grid_keeps_a_linear_ramp_linear():
   # f(r, c) = 10 r + c on a 3 x 3 grid; 5 x 5 samples r, c in {0, .5, 1, 1.5, 2}.
   r, c = np.meshgrid(np.arange(3), np.arange(3), indexing='ij')
   grid = (10 * r + c)[..., None].astype(np.float32)
-  out = transfer.resize_grid(grid, (5, 5))[..., 0]
+  out = pos_resize.resize_grid(grid, (5, 5))[..., 0]
   rr, cc = np.meshgrid(np.arange(5) / 2, np.arange(5) / 2, indexing='ij')
   np.testing.assert_allclose(out, 10 * rr + cc, atol=1e-5)
   # Corners stay corners, non-square both ways: 3 x 3 -> 2 x 4.
-  out = transfer.resize_grid(grid, (2, 4))[..., 0]
+  out = pos_resize.resize_grid(grid, (2, 4))[..., 0]
   np.testing.assert_allclose(
     out, [[0, 2 / 3, 4 / 3, 2], [20, 20 + 2 / 3, 20 + 4 / 3, 22]], atol=1e-5
   )
@@ -204,12 +206,12 @@ def test_resize_grid_keeps_a_linear_ramp_linear():
 
 def test_resize_grid_constant_along_rows_and_columns():
   rows = np.broadcast_to(np.array([1.0, 4.0, 7.0, 10.0])[:, None, None], (4, 6, 2))
-  out = transfer.resize_grid(rows, (7, 3))
+  out = pos_resize.resize_grid(rows, (7, 3))
   np.testing.assert_allclose(
     out[..., 0], np.broadcast_to(np.arange(1, 11.0, 1.5)[:, None], (7, 3)), atol=1e-5
   )
   cols = np.broadcast_to(np.array([3.0, 5.0])[None, :, None], (5, 2, 1))
-  out = transfer.resize_grid(cols, (2, 3))
+  out = pos_resize.resize_grid(cols, (2, 3))
   np.testing.assert_allclose(out[..., 0], [[3, 4, 5], [3, 4, 5]], atol=1e-6)
 
 
@@ -445,7 +447,7 @@ def test_vit_release_npz_drives_our_vit(tmp_path):
   ours = init(model)
   path = tmp_path / 'vit.npz'
   np.savez(path, **to_vit_release(ours))
-  params = transfer.load_big_vision(str(path))
+  params = npz_loader.load_big_vision(str(path))
   assert_trees_equal(params, jax.tree.map(np.asarray, ours))
   np.testing.assert_array_equal(logits(model, params), logits(model, ours))
 
@@ -458,7 +460,7 @@ def test_big_vision_npz_drives_our_vit(tmp_path, scan):
   ours['pos_embedding'][:, 0] = 0.0
   path = tmp_path / 'bv.npz'
   np.savez(path, **to_big_vision(ours, scan=scan))
-  params = transfer.from_big_vision(transfer.load_npz(str(path)))
+  params = npz_loader.from_big_vision(npz_loader.load_npz(str(path)))
   assert_trees_equal(params, jax.tree.map(np.asarray, ours))
   np.testing.assert_allclose(logits(model, params), logits(model, ours), atol=1e-6)
   # And into a model with a new head and a 3 x 3 grid in one go.
@@ -478,7 +480,7 @@ def test_big_vision_map_head_names():
     path = re.sub('^norm/', 'LayerNorm_0/', path)
     path = re.sub('^mlp/', 'MlpBlock_0/', path)
     bv[f'MAPHead_0/{path}'] = np.asarray(value)
-  converted = transfer.from_big_vision(bv)
+  converted = npz_loader.from_big_vision(bv)
   assert_trees_equal(converted['map_head'], jax.tree.map(np.asarray, ours))
 
 
@@ -489,23 +491,23 @@ def test_npz_errors(tmp_path):
       f'init_from: {tmp_path}/none.npz is not a file; give the path of a .npz checkpoint.'
     ),
   ):
-    transfer.load_npz(str(tmp_path / 'none.npz'))
+    npz_loader.load_npz(str(tmp_path / 'none.npz'))
   garbage = tmp_path / 'garbage.npz'
   garbage.write_bytes(b'not a zip at all\n' * 10)
   with pytest.raises(UserError, match=f'init_from: {garbage} is not a readable .npz file \\(') as e:
-    transfer.load_npz(str(garbage))
+    npz_loader.load_npz(str(garbage))
   assert '\n' not in str(e.value)
   single = tmp_path / 'one.npy'
   np.save(single, np.zeros(3))
   with pytest.raises(UserError, match='holds a single array, not an .npz archive'):
-    transfer.load_npz(str(single))
+    npz_loader.load_npz(str(single))
   odd = tmp_path / 'odd.npz'
   np.savez(odd, foo=np.zeros(3))
   with pytest.raises(
     UserError,
     match=re.escape(f"init_from: {odd}: no 'embedding/kernel' among its 1 arrays, not a ViT"),
   ):
-    transfer.load_big_vision(str(odd))
+    npz_loader.load_big_vision(str(odd))
   np.savez(
     odd,
     **{'embedding/kernel': np.zeros(3), 'Transformer/encoderblock_0/Attention/kernel': np.zeros(3)},
@@ -514,4 +516,4 @@ def test_npz_errors(tmp_path):
     UserError,
     match=re.escape("unknown parameter 'Transformer/encoderblock_0/Attention/kernel', not a ViT"),
   ):
-    transfer.load_big_vision(str(odd))
+    npz_loader.load_big_vision(str(odd))

@@ -15,6 +15,7 @@ import pytest
 from vmoe_jax import config_defaults
 from vmoe_jax import input_pipeline
 from vmoe_jax import validation
+from vmoe_jax import validation_rules
 from vmoe_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +59,7 @@ def refused(config, num_devices=8, process_count=1) -> str:
 
 
 def test_rules_cover_every_key_of_the_schema():
-  assert sorted(validation.RULES) == sorted(config_defaults.all_keys())
+  assert sorted(validation_rules.RULES) == sorted(config_defaults.all_keys())
 
 
 def test_shipped_configs_are_config_files_of_the_table():
@@ -107,7 +108,7 @@ def test_missing_keys_take_their_defaults_and_unknown_keys_are_named():
 
 def test_router_names_are_the_choices_of_model_moe_router():
   config = sized_config()
-  for router in validation.ROUTER_NAMES:
+  for router in validation_rules.ROUTER_NAMES:
     config.model.moe.router = router
     validation.validate(config)
   config.model.moe.router = 'top1'
@@ -119,8 +120,9 @@ def test_router_names_are_the_choices_of_model_moe_router():
 
 def test_in_memory_split_sizes_match_the_data():
   train, test = input_pipeline.digits_split()
-  assert validation.IN_MEMORY_SPLITS['digits'] == {'train': len(train[1]), 'test': len(test[1])}
-  assert validation.IMAGE_SIDES['digits'] == train[0].shape[1] == train[0].shape[2]
+  sizes = {'train': len(train[1]), 'test': len(test[1])}
+  assert validation_rules.IN_MEMORY_SPLITS['digits'] == sizes
+  assert validation_rules.IMAGE_SIDES['digits'] == train[0].shape[1] == train[0].shape[2]
 
 
 # --------------------------------------------------------------------------- shipped configs

@@ -9,27 +9,17 @@ A checkpoint holds two items:
     '/'-joined path, e.g. 'params/block_01/moe/wi').
 The config of the run is kept beside them in `workdir/config.json`.
 
-Checksums (`array_checksums`) are computed on the devices that hold the
-arrays, by one jitted pass over the whole tree: each array is read as
-unsigned 32-bit words w_i (float32 / int32 bitcast; 16- and 8-bit types
-bitcast and widened; 64-bit types as two words; PRNG keys by their key data)
-and summed twice modulo 2^32: sum_i w_i * (2i + 1), whose odd multipliers
-make any single-bit flip change it, and sum_i g(w_i) * m_i with the
-bijection g(w) = w ^ (w >> 16) and pseudo-random odd m_i = (i * 0x9E3779B1 +
-0x7F4A7C15) | 1, so that other changes are unlikely to cancel in both. i is
-the element's index in the flattened global array and the sums are exact
-integer sums, so the result is the same on any mesh, any number of
-processes, sharded or not. The same pass counts the non-finite elements of
-float arrays.
+Every restore verifies (`vmoe_jax.checkpoint_integrity`): `restore`
+(resume), `restore_params` and `load_params` (inference, evaluation,
+transfer from another run) recompute the checksums of the arrays they read
+and refuse, as a one-line `CorruptCheckpointError` naming the checkpoint and
+the array, an array that does not match or holds non-finite values, and a
+checkpoint whose bytes cannot be decoded. Checkpoints written before
+checksums existed restore with a warning that they cannot be verified.
+`save` refuses to write a state with non-finite values (it would not
+restore). The workdir checks and JSON files beside the checkpoints are in
+`vmoe_jax.workdirs`.
 
-Every restore verifies: `restore` (resume), `restore_params` and
-`load_params` (inference, evaluation, transfer from another run) recompute
-the checksums of the arrays they read and refuse, as a one-line
-`CorruptCheckpointError` naming the checkpoint and the array, an array that
-does not match or holds non-finite values, and a checkpoint whose bytes
-cannot be decoded. Checkpoints written before checksums existed restore with
-a warning that they cannot be verified. `save` refuses to write a state with
-non-finite values (it would not restore).
 
 Restoring takes an abstract target (shapes, dtypes and the *current*
 shardings), so a checkpoint written on one mesh restores on another. A
@@ -41,201 +31,33 @@ checkpoint that cannot be read, or that was saved for another model, is a
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import logging
 import os
 import re
-import tempfile
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
-from jax import lax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec
 
+from vmoe_jax.checkpoint_integrity import CHECKSUM_VERSION
+from vmoe_jax.checkpoint_integrity import CHECKSUM_VERSION_KEY
+from vmoe_jax.checkpoint_integrity import CHECKSUMS_KEY
+from vmoe_jax.checkpoint_integrity import CorruptCheckpointError
+from vmoe_jax.checkpoint_integrity import array_checksums
+from vmoe_jax.checkpoint_integrity import first_and_more
+from vmoe_jax.checkpoint_integrity import path_names
+from vmoe_jax.checkpoint_integrity import verify
 from vmoe_jax.errors import UserError
+from vmoe_jax.workdirs import CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = 'checkpoints'
-CONFIG_FILE = 'config.json'
-DATASET_FILE = 'dataset.json'
-RESULTS_FILE = 'results.json'
-CHECKSUMS_KEY = 'checksums'
-CHECKSUM_VERSION_KEY = 'checksum_version'
-CHECKSUM_VERSION = 1
 CORRUPT_SUFFIX = '.corrupt'
 ON_CORRUPT = ('fail', 'previous')
-# Settings whose change continues a finished run instead of repeating it.
-LENGTH_KEYS = ('train.num_steps', 'train.num_epochs')
-# Settings of how a run is carried out, not of what it computes: a finished
-# run continued for longer may change them too.
-OPERATIONAL_KEYS = (
-  'mesh.expert',
-  'train.log_every',
-  'train.eval_every',
-  'train.checkpoint_every',
-  'train.keep_checkpoints',
-  'train.on_corrupt',
-  'profile.start_step',
-  'profile.num_steps',
-)
-# Settings of how to resume: a finished run rerun with another value is the same run.
-RESUME_KEYS = ('train.on_corrupt',)
 
 _RESUME_FIX = (
   'move it away to resume from an earlier one, or set --config.train.on_corrupt=previous'
 )
-
-
-class CorruptCheckpointError(UserError):
-  """A checkpoint whose bytes cannot be read or do not match its checksums."""
-
-  def __init__(self, problem: str, fix: str):
-    self.problem = problem  # 'checkpoint DIR is corrupt: ...', without the fix.
-    super().__init__(f'{problem}; {fix}.')
-
-
-# --------------------------------------------------------------------------- checksums
-
-_GOLDEN = 0x9E3779B1  # Odd: i -> i * _GOLDEN + _OFFSET is a bijection modulo 2^32.
-_OFFSET = 0x7F4A7C15
-
-
-def _words(x: jax.Array) -> jax.Array:
-  """The bits of `x` as uint32 words (64-bit and complex elements: trailing axes)."""
-  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
-  if jnp.issubdtype(x.dtype, jnp.complexfloating):
-    x = jnp.stack([x.real, x.imag], axis=-1)
-  if x.dtype == jnp.bool_:
-    return x.astype(jnp.uint32)
-  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-  return lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-
-
-def _flat_index(shape: tuple[int, ...]) -> jax.Array:
-  """Row-major index of every element of the global array, modulo 2^32."""
-  index = jnp.zeros(shape, jnp.uint32)
-  stride = 1
-  for axis in reversed(range(len(shape))):
-    index = index + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
-    stride *= shape[axis]
-  return index
-
-
-def _nonfinite(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """1 per non-finite element of a float `x`, laid out like its words (`shape`)."""
-  if not jnp.issubdtype(x.dtype, jnp.inexact):
-    return jnp.zeros(shape, jnp.uint32)
-  bad = (~jnp.isfinite(x)).astype(jnp.uint32)
-  extra = len(shape) - x.ndim  # Words per element beyond the first: count it once.
-  if extra:
-    first = sum(lax.broadcasted_iota(jnp.uint32, shape, x.ndim + k) for k in range(extra)) == 0
-    bad = bad.reshape(x.shape + (1,) * extra) * first.astype(jnp.uint32)
-  return bad
-
-
-def _leaf_sums(x: jax.Array) -> jax.Array:
-  """[weighted sum, mixed sum, non-finite count] of one array, as uint32.
-
-  One variadic reduction per array (three separate ones compile twice as
-  slowly, and a checkpoint holds hundreds of arrays).
-  """
-  words = _words(x)
-  index = _flat_index(words.shape)
-  weighted = words * (index * jnp.uint32(2) + jnp.uint32(1))
-  odd = (index * jnp.uint32(_GOLDEN) + jnp.uint32(_OFFSET)) | jnp.uint32(1)
-  mixed = (words ^ (words >> 16)) * odd
-  terms = (weighted, mixed, _nonfinite(x, words.shape))
-  zero = jnp.uint32(0)
-  sums = lax.reduce(
-    terms,
-    (zero, zero, zero),
-    lambda a, b: tuple(p + q for p, q in zip(a, b)),
-    tuple(range(words.ndim)),
-  )
-  return jnp.stack(sums)
-
-
-def _tree_sums(leaves: list[jax.Array]) -> jax.Array:
-  return jnp.stack([_leaf_sums(x) for x in leaves])
-
-
-@functools.lru_cache(maxsize=16)
-def _jitted_sums(out_sharding):
-  return jax.jit(_tree_sums, out_shardings=out_sharding)
-
-
-def _replicated_sharding(leaves: list[Any]):
-  """Replicated on the mesh of the first sharded leaf: readable on every process."""
-  for leaf in leaves:
-    sharding = getattr(leaf, 'sharding', None)
-    if isinstance(sharding, NamedSharding):
-      return NamedSharding(sharding.mesh, PartitionSpec())
-  return None
-
-
-def array_names(tree: Any) -> list[str]:
-  """The '/'-joined path of every leaf of `tree`, in leaf order."""
-  return ['/'.join(_path_names(p)) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def array_checksums(tree: Any) -> tuple[dict[str, str], dict[str, int]]:
-  """(checksums as 16 hex digits, non-finite counts) of every array, by '/'-joined path.
-
-  One jitted pass on the devices that hold the arrays (see the module
-  docstring); only the results (3 words per array) come to the host. Every
-  process gets the same answer.
-  """
-  names = array_names(tree)
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return {}, {}
-  sums = np.asarray(jax.device_get(_jitted_sums(_replicated_sharding(leaves))(leaves)))
-  checksums = {n: f'{int(s[0]):08x}{int(s[1]):08x}' for n, s in zip(names, sums)}
-  return checksums, {n: int(s[2]) for n, s in zip(names, sums)}
-
-
-def _first_and_more(names: list[str]) -> str:
-  more = len(names) - 1
-  return f' (and {more} other array{"s" if more > 1 else ""})' if more else ''
-
-
-def verify(where: str, tree: Any, meta: dict, fix: str) -> None:
-  """Raises CorruptCheckpointError if `tree`, read from checkpoint `where`, is not as saved.
-
-  Compares the checksums of the arrays of `tree` (all or some of the saved
-  ones) with those in `meta`, and refuses non-finite float values.
-  """
-  checksums, nonfinite = array_checksums(tree)
-  saved = meta.get(CHECKSUMS_KEY)
-  if saved is None or meta.get(CHECKSUM_VERSION_KEY) != CHECKSUM_VERSION:
-    log.warning(
-      'checkpoint %s has no checksums (written by an earlier vmoe_jax); it cannot be verified.',
-      where,
-    )
-  else:
-    bad = [name for name, value in checksums.items() if saved.get(name) != value]
-    if bad:
-      name = bad[0]
-      raise CorruptCheckpointError(
-        f'checkpoint {where} is corrupt: {name} does not match its checksum (saved '
-        f'{saved.get(name, "none")}, read {checksums[name]}){_first_and_more(bad)}',
-        fix,
-      )
-  bad = [name for name, count in nonfinite.items() if count]
-  if bad:
-    name = bad[0]
-    raise CorruptCheckpointError(
-      f'checkpoint {where} is corrupt: {name} holds {nonfinite[name]} non-finite values'
-      f'{_first_and_more(bad)}',
-      fix,
-    )
 
 
 # --------------------------------------------------------------------------- managers
@@ -306,7 +128,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> N
     kept = f'checkpoint {kept} is kept' if kept is not None else 'no checkpoint'
     raise UserError(
       f'{bad[0]} is not finite at step {step} ({nonfinite[bad[0]]} values'
-      f'{_first_and_more(bad)}); checkpoint {step} not saved, {kept}. Lower '
+      f'{first_and_more(bad)}); checkpoint {step} not saved, {kept}. Lower '
       'optimizer.learning_rate or set optimizer.grad_clip_norm.'
     )
   meta = {**meta, CHECKSUMS_KEY: checksums, CHECKSUM_VERSION_KEY: CHECKSUM_VERSION}
@@ -320,25 +142,12 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> N
 # --------------------------------------------------------------------------- restore
 
 
-def _path_names(path) -> tuple[str, ...]:
-  """Key path -> names, the same for dict keys, attributes and indices."""
-  names = []
-  for key in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(key, attr):
-        names.append(str(getattr(key, attr)))
-        break
-    else:
-      names.append(str(key))
-  return tuple(names)
-
-
 def _shape_mismatch(saved: Any, target: Any) -> str | None:
   """The first leaf whose saved shape differs from the target, as a message."""
   flat = jax.tree_util.tree_flatten_with_path(saved)[0]
-  saved_leaves = {_path_names(p): leaf for p, leaf in flat}
+  saved_leaves = {path_names(p): leaf for p, leaf in flat}
   for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
-    names = _path_names(path)
+    names = path_names(path)
     name = '/'.join(names)
     if names not in saved_leaves:
       return f'{name} is missing from it'
@@ -560,166 +369,3 @@ def latest_step(manager: ocp.CheckpointManager) -> int | None:
   if step is not None:
     log.info('Found checkpoint %d in %s.', step, manager.directory)
   return step
-
-
-# --------------------------------------------------------------------------- workdir
-
-
-def check_workdir(workdir: str, config_json: dict) -> dict | None:
-  """Before a run touches `workdir`: the saved results when it would only repeat them.
-
-  A finished run (results.json and a checkpoint at its step) rerun with the
-  same config (`RESUME_KEYS` aside) returns its results and writes nothing;
-  with another config it is a UserError naming what differs, unless the
-  training length (`LENGTH_KEYS`) changed, and nothing else but how the run
-  is carried out (`OPERATIONAL_KEYS`): the run then continues. Otherwise
-  `workdir` must be a directory that can be created and written (UserError),
-  and None says go ahead.
-  """
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise UserError(f'--workdir={workdir} is a file, not a directory; pass a directory.')
-  results = _finished_results(workdir)
-  if results is not None:
-    saved = read_config(workdir)
-    diffs = [d for d in _dict_diff(saved, config_json, '') if d[0] not in RESUME_KEYS]
-    if not diffs:
-      log.info(
-        '%s already holds a run finished at step %s; nothing to do.', workdir, results['step']
-      )
-      return results
-    _refuse_another_model(workdir, diffs)
-    names = [name for name, _, _ in diffs]
-    longer = any(name in LENGTH_KEYS for name in names)
-    if not longer or any(name not in LENGTH_KEYS + OPERATIONAL_KEYS for name in names):
-      raise UserError(
-        f'{workdir} already holds a finished run; it differs from this command in '
-        f'{_format_diffs(diffs)}; use a new --workdir.'
-      )
-    log.info('Continuing the finished run in %s: %s.', workdir, _format_diffs(diffs))
-  check_workdir_writable(workdir)
-  return None
-
-
-def check_workdir_writable(workdir: str) -> None:
-  """Creates `workdir` if needed and checks a file can be written there (UserError)."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise UserError(f'--workdir={workdir} is a file, not a directory; pass a directory.')
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.TemporaryFile(dir=workdir, prefix='.write_test'):
-      pass
-  except OSError as e:
-    raise UserError(
-      f'--workdir={workdir} cannot be written ({type(e).__name__}: {e.strerror or e}); '
-      'pass a directory you can write to.'
-    ) from None
-
-
-def _finished_results(workdir: str) -> dict | None:
-  """results.json of `workdir` if a checkpoint at its step exists, else None."""
-  path = os.path.join(workdir, RESULTS_FILE)
-  if not os.path.exists(path):
-    return None
-  results = read_json(workdir, RESULTS_FILE)
-  step = results.get('step')
-  if not isinstance(step, int):
-    return None
-  if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR, str(step))):
-    return None
-  return results
-
-
-def check_config(workdir: str, config_json: dict, has_checkpoint: bool) -> None:
-  """Refuses to resume a workdir whose checkpoints belong to another model config.
-
-  Other changed settings are logged (one line) and the run resumes with them.
-  """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not (has_checkpoint and os.path.exists(path)):
-    return
-  diffs = _dict_diff(read_json(workdir, CONFIG_FILE), config_json, '')
-  _refuse_another_model(workdir, diffs)
-  if diffs:
-    log.info('Resuming %s with changed settings: %s.', workdir, _format_diffs(diffs))
-
-
-def _refuse_another_model(workdir: str, diffs: list[tuple[str, Any, Any]]) -> None:
-  model = [d for d in diffs if d[0].split('.')[0] == 'model']
-  if model:
-    raise UserError(
-      f'{workdir} holds checkpoints of another model ({_format_diffs(model, 3)}); use a new '
-      '--workdir or the same model config.'
-    )
-
-
-def _dict_diff(old: dict, new: dict, prefix: str) -> list[tuple[str, Any, Any]]:
-  """(dotted name, old value, new value) of every leaf that differs."""
-  diffs = []
-  for key in sorted(set(old) | set(new)):
-    a, b = old.get(key), new.get(key)
-    name = f'{prefix}.{key}' if prefix else key
-    if isinstance(a, dict) and isinstance(b, dict):
-      diffs += _dict_diff(a, b, name)
-    elif a != b:
-      diffs.append((name, a, b))
-  return diffs
-
-
-def _format_diffs(diffs: list[tuple[str, Any, Any]], limit: int = 6) -> str:
-  shown = ', '.join(f'{name} (was {a!r}, now {b!r})' for name, a, b in diffs[:limit])
-  more = len(diffs) - limit
-  return shown + (f' and {more} more' if more > 0 else '')
-
-
-# --------------------------------------------------------------------------- JSON files
-
-
-def _write_json(path: str, value: Any) -> None:
-  """Writes `value` to `path` atomically: a reader sees the old file or the new one."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
-def read_json(workdir: str, name: str) -> dict:
-  """`workdir/name` (config.json, dataset.json, results.json), or a one-line UserError."""
-  path = os.path.join(workdir, name)
-  if not os.path.exists(path):
-    raise UserError(f'{path} does not exist; point --workdir at the directory of a training run.')
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(
-      f'{path} cannot be read ({type(e).__name__}: {e}); restore it or use a new --workdir.'
-    ) from None
-
-
-def write_config(workdir: str, config_json: dict) -> None:
-  if jax.process_index() != 0:
-    return
-  os.makedirs(workdir, exist_ok=True)
-  _write_json(os.path.join(workdir, CONFIG_FILE), config_json)
-
-
-def read_config(workdir: str) -> dict:
-  return read_json(workdir, CONFIG_FILE)
-
-
-def write_dataset_info(workdir: str, dataset) -> None:
-  """What a reader of the workdir needs to rebuild the model: classes, image shape."""
-  if jax.process_index() != 0:
-    return
-  info = {
-    'name': dataset.name,
-    'num_classes': dataset.num_classes,
-    'image_shape': list(dataset.image_shape),
-    'num_train': dataset.num_train,
-    'num_test': dataset.num_test,
-  }
-  _write_json(os.path.join(workdir, DATASET_FILE), info)
-
-
-def read_dataset_info(workdir: str) -> dict:
-  return read_json(workdir, DATASET_FILE)

@@ -41,6 +41,7 @@ import time
 from collections.abc import Mapping
 
 from vmoe_jax.errors import UserError
+from vmoe_jax.errors import check_process_split
 
 log = logging.getLogger(__name__)
 
@@ -319,10 +320,4 @@ def check_devices() -> None:
 def check_batch(config, process_count: int) -> None:
   """Global batch sizes must split evenly over the processes."""
   for key in ('batch_size', 'eval_batch_size'):
-    size = config.input[key]
-    if size % process_count:
-      raise UserError(
-        f'input.{key}={size} does not split over {process_count} processes; use a multiple '
-        f'of {process_count} that is also a multiple of the device count '
-        f'(--config.input.{key}).'
-      )
+    check_process_split(f'input.{key}', config.input[key], process_count)

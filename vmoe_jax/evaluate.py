@@ -28,6 +28,7 @@ from absl import logging as absl_logging
 
 from vmoe_jax import host_malloc
 from vmoe_jax.errors import UserError
+from vmoe_jax.tools import eval_report
 from vmoe_jax.tools import evaluation
 
 FLAGS = flags.FLAGS
@@ -80,8 +81,8 @@ def main(argv) -> None:
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  print(evaluation.header(report))
-  print(evaluation.markdown(report['settings']), end='')
+  print(eval_report.header(report))
+  print(eval_report.markdown(report['settings']), end='')
   for k, r in report.get('fewshot', {}).get('shots', {}).items():
     print(
       f'few-shot {k:>2}-shot: {100 * r["accuracy"]:.2f}% +- {100 * r["accuracy_std"]:.2f} '

@@ -29,6 +29,7 @@ from vmoe_jax import checkpointing
 from vmoe_jax import config_defaults
 from vmoe_jax import sharding
 from vmoe_jax import steps
+from vmoe_jax import workdirs
 from vmoe_jax.models import factory
 
 
@@ -88,7 +89,7 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
   """
   config = config_defaults.get_config()
   config.unlock()
-  _merge(config, checkpointing.read_config(workdir))
+  _merge(config, workdirs.read_config(workdir))
   return config
 
 
@@ -134,7 +135,7 @@ def load(
     config.model.moe.eval_capacity_factor = eval_capacity_factor
   if batch_priority is not None:
     config.model.moe.eval_batch_priority = batch_priority
-  info = checkpointing.read_dataset_info(workdir)
+  info = workdirs.read_dataset_info(workdir)
   mesh = sharding.create_mesh(expert, config.model.moe.num_experts, devices)
   image_shape = tuple(info['image_shape'])
   model, params, step = restore_params(

@@ -32,6 +32,7 @@ import numpy as np
 
 from vmoe_jax import idx_files
 from vmoe_jax.errors import UserError
+from vmoe_jax.errors import check_split
 
 Batch = dict[str, np.ndarray]
 
@@ -78,11 +79,14 @@ class Dataset:
 
 
 def local_batch_size(global_batch: int, process_count: int, what: str = 'batch_size') -> int:
-  if global_batch <= 0 or global_batch % process_count:
-    raise UserError(
-      f'input.{what}={global_batch} does not split over {process_count} processes; use a '
-      f'positive multiple of {process_count} (--config.input.{what}).'
-    )
+  check_split(
+    global_batch,
+    process_count,
+    f'input.{what}={global_batch}',
+    f'{process_count} processes',
+    f'use a positive multiple of {process_count} (--config.input.{what}).',
+    positive=True,
+  )
   return global_batch // process_count
 
 

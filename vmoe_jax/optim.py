@@ -105,82 +105,30 @@ def adafactor(
     return jax.tree.map(lambda p, m: factored_axes(p.shape, min_dim, bool(m)), params, mask)
 
   def init_fn(params):
-    axes = axes_tree(params)
-    placeholder = lambda: jnp.zeros((1,), jnp.float32)
-
-    def row(p, ax):
-      return jnp.zeros(_drop(p.shape, ax[1]), jnp.float32) if ax else placeholder()
-
-    def col(p, ax):
-      return jnp.zeros(_drop(p.shape, ax[0]), jnp.float32) if ax else placeholder()
-
-    def full(p, ax):
-      return placeholder() if ax else jnp.zeros(p.shape, jnp.float32)
-
-    momentum = None
-    if beta1 > 0:
-      momentum = jax.tree.map(lambda p: jnp.zeros(p.shape, momentum_dtype), params)
-    return AdafactorState(
-      count=jnp.zeros([], jnp.int32),
-      v_row=_map_with_axes(row, params, axes),
-      v_col=_map_with_axes(col, params, axes),
-      v=_map_with_axes(full, params, axes),
-      momentum=momentum,
-    )
+    return _adafactor_init(params, axes_tree(params), beta1, momentum_dtype)
 
   def update_fn(grads, state, params=None):
     treedef = jax.tree.structure(grads)
     axes = treedef.flatten_up_to(axes_tree(grads))
     g_leaves = [g.astype(jnp.float32) for g in treedef.flatten_up_to(grads)]
     count = state.count + 1
-    t = count.astype(jnp.float32)
-    beta2 = jnp.minimum(max_decay, 1.0 - jnp.power(t, -decay_exponent))
-
-    # 1. Statistics of the raw gradients: row and column means of g^2 for
-    #    factored parameters (the square fuses into the reductions), g^2 for
-    #    the others; the global norm comes from the same sums.
-    stats, squared_norm = [], 0.0
-    for g, ax in zip(g_leaves, axes):
-      if ax:
-        row_mean = jnp.mean(jnp.square(g), axis=ax[1])
-        # The barrier keeps XLA from sharing one materialised g^2 between the
-        # two reductions: two reading passes are cheaper than a write and two reads.
-        col_mean = jnp.mean(jnp.square(jax.lax.optimization_barrier(g)), axis=ax[0])
-        squared_norm += jnp.sum(row_mean) * g.shape[ax[1]]
-        stats.append((row_mean, col_mean))
-      else:
-        squared = jnp.square(g)
-        squared_norm += jnp.sum(squared)
-        stats.append(squared)
+    beta2 = jnp.minimum(max_decay, 1.0 - jnp.power(count.astype(jnp.float32), -decay_exponent))
+    stats, squared_norm = _gradient_statistics(g_leaves, axes)
     scale = jnp.ones([], jnp.float32)
     if clip_norm > 0:
       scale = jnp.minimum(1.0, clip_norm / (jnp.sqrt(squared_norm) + 1e-16))
-    scale2 = jnp.square(scale)
-
-    # 2. New second moments of the clipped gradients, then the direction.
+    moments = (beta2, scale, jnp.square(scale), epsilon)
+    # New second moments of the clipped gradients, the direction, momentum, decay.
     lr = learning_rate(state.count)
-    v_row = treedef.flatten_up_to(state.v_row)
-    v_col = treedef.flatten_up_to(state.v_col)
-    v_full = treedef.flatten_up_to(state.v)
+    v_row, v_col, v_full = (treedef.flatten_up_to(v) for v in (state.v_row, state.v_col, state.v))
     moms = treedef.flatten_up_to(state.momentum) if beta1 > 0 else [None] * len(g_leaves)
     decays = treedef.flatten_up_to(weight_decay) if weight_decay is not None else None
     p_leaves = treedef.flatten_up_to(params) if decays is not None else None
     outs = {'update': [], 'v_row': [], 'v_col': [], 'v': [], 'momentum': []}
     for i, (g, ax, stat) in enumerate(zip(g_leaves, axes, stats)):
-      if ax:
-        row_axis, col_axis = ax
-        new_row = beta2 * v_row[i] + (1 - beta2) * (scale2 * stat[0] + epsilon)
-        new_col = beta2 * v_col[i] + (1 - beta2) * (scale2 * stat[1] + epsilon)
-        # v_hat[i, j] = row[i] * col[j] / mean(row): rank-1 estimate of E[g^2].
-        row_factor = jax.lax.rsqrt(new_row / jnp.mean(new_row, axis=row_axis, keepdims=True))
-        col_factor = jax.lax.rsqrt(new_col)
-        direction = (scale * g) * jnp.expand_dims(row_factor, col_axis)
-        direction = direction * jnp.expand_dims(col_factor, row_axis)
-        new_v = v_full[i]
-      else:
-        new_row, new_col = v_row[i], v_col[i]
-        new_v = beta2 * v_full[i] + (1 - beta2) * (scale2 * stat + epsilon)
-        direction = (scale * g) * jax.lax.rsqrt(new_v)
+      direction, new_row, new_col, new_v = _second_moments_and_direction(
+        g, ax, stat, v_row[i], v_col[i], v_full[i], *moments
+      )
       if beta1 > 0:
         momentum = beta1 * moms[i].astype(jnp.float32) + (1 - beta1) * direction
         momentum = momentum.astype(momentum_dtype)
@@ -189,21 +137,90 @@ def adafactor(
       update = -lr * direction
       if decays is not None and decays[i]:
         update = update - (lr / peak_learning_rate) * decays[i] * p_leaves[i]
-      outs['update'].append(update)
-      outs['v_row'].append(new_row)
-      outs['v_col'].append(new_col)
-      outs['v'].append(new_v)
+      for key, value in zip(('update', 'v_row', 'v_col', 'v'), (update, new_row, new_col, new_v)):
+        outs[key].append(value)
 
     new_state = AdafactorState(
       count=count,
-      v_row=treedef.unflatten(outs['v_row']),
-      v_col=treedef.unflatten(outs['v_col']),
-      v=treedef.unflatten(outs['v']),
+      **{key: treedef.unflatten(outs[key]) for key in ('v_row', 'v_col', 'v')},
       momentum=treedef.unflatten(outs['momentum']) if beta1 > 0 else None,
     )
     return treedef.unflatten(outs['update']), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _adafactor_init(params, axes, beta1: float, momentum_dtype) -> AdafactorState:
+  """Zero statistics: (row, col) means for factored parameters, full g^2 for the others.
+
+  The unused slots of a parameter hold a (1,) placeholder.
+  """
+  placeholder = lambda: jnp.zeros((1,), jnp.float32)
+
+  def row(p, ax):
+    return jnp.zeros(_drop(p.shape, ax[1]), jnp.float32) if ax else placeholder()
+
+  def col(p, ax):
+    return jnp.zeros(_drop(p.shape, ax[0]), jnp.float32) if ax else placeholder()
+
+  def full(p, ax):
+    return placeholder() if ax else jnp.zeros(p.shape, jnp.float32)
+
+  momentum = None
+  if beta1 > 0:
+    momentum = jax.tree.map(lambda p: jnp.zeros(p.shape, momentum_dtype), params)
+  return AdafactorState(
+    count=jnp.zeros([], jnp.int32),
+    v_row=_map_with_axes(row, params, axes),
+    v_col=_map_with_axes(col, params, axes),
+    v=_map_with_axes(full, params, axes),
+    momentum=momentum,
+  )
+
+
+def _gradient_statistics(g_leaves, axes):
+  """(per-leaf statistics, squared global norm) of the raw float32 gradients.
+
+  Step 1 of the Adafactor update: row and column means of g^2 for factored
+  parameters (the square fuses into the reductions), g^2 for the others; the
+  global norm comes from the same sums.
+  """
+  stats, squared_norm = [], 0.0
+  for g, ax in zip(g_leaves, axes):
+    if ax:
+      row_mean = jnp.mean(jnp.square(g), axis=ax[1])
+      # The barrier keeps XLA from sharing one materialised g^2 between the
+      # two reductions: two reading passes are cheaper than a write and two reads.
+      col_mean = jnp.mean(jnp.square(jax.lax.optimization_barrier(g)), axis=ax[0])
+      squared_norm += jnp.sum(row_mean) * g.shape[ax[1]]
+      stats.append((row_mean, col_mean))
+    else:
+      squared = jnp.square(g)
+      squared_norm += jnp.sum(squared)
+      stats.append(squared)
+  return stats, squared_norm
+
+
+def _second_moments_and_direction(g, ax, stat, v_row, v_col, v_full, beta2, scale, scale2, epsilon):
+  """(direction, new v_row, new v_col, new v) of one parameter, before momentum.
+
+  Step 2 of the Adafactor update, for the gradient `g` clipped by `scale`
+  (`scale2` = scale^2): the factored (row, col) or full second moment, then
+  g / sqrt(v_hat).
+  """
+  if ax:
+    row_axis, col_axis = ax
+    new_row = beta2 * v_row + (1 - beta2) * (scale2 * stat[0] + epsilon)
+    new_col = beta2 * v_col + (1 - beta2) * (scale2 * stat[1] + epsilon)
+    # v_hat[i, j] = row[i] * col[j] / mean(row): rank-1 estimate of E[g^2].
+    row_factor = jax.lax.rsqrt(new_row / jnp.mean(new_row, axis=row_axis, keepdims=True))
+    col_factor = jax.lax.rsqrt(new_col)
+    direction = (scale * g) * jnp.expand_dims(row_factor, col_axis)
+    direction = direction * jnp.expand_dims(col_factor, row_axis)
+    return direction, new_row, new_col, v_full
+  new_v = beta2 * v_full + (1 - beta2) * (scale2 * stat + epsilon)
+  direction = (scale * g) * jax.lax.rsqrt(new_v)
+  return direction, v_row, v_col, new_v
 
 
 def _drop(shape, axis):

@@ -44,6 +44,7 @@ from vmoe_jax import steps
 from vmoe_jax import transfer
 from vmoe_jax import validation
 from vmoe_jax import warm_start
+from vmoe_jax import workdirs
 from vmoe_jax.errors import UserError
 from vmoe_jax.models import factory
 
@@ -422,20 +423,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   validation.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
   workdir = os.path.abspath(workdir)
   config_json = config_to_json(config)
-  finished = checkpointing.check_workdir(workdir, config_json)
+  finished = workdirs.check_workdir(workdir, config_json)
   if finished is not None:  # A finished run, rerun as it was: its results, nothing written.
     return finished
   run = setup(config, workdir)
   manager = checkpointing.create_manager(workdir, config.train.keep_checkpoints)
-  checkpointing.check_config(workdir, config_json, bool(manager.all_steps()))
+  workdirs.check_config(workdir, config_json, bool(manager.all_steps()))
   state, last = initial_state(run, manager)
   start_step = int(jax.device_get(state.step))
   if start_step >= run.total_steps and os.path.exists(os.path.join(workdir, 'results.json')):
     log.info('%s already holds a run finished at step %d; nothing to do.', workdir, start_step)
     manager.close()
-    return checkpointing.read_json(workdir, 'results.json')
-  checkpointing.write_config(workdir, config_json)
-  checkpointing.write_dataset_info(workdir, run.dataset)
+    return workdirs.read_json(workdir, 'results.json')
+  workdirs.write_config(workdir, config_json)
+  workdirs.write_dataset_info(workdir, run.dataset)
   num_params = factory.count_params(state.params)
   log.info(
     'Model: %s parameters; %d steps (%.1f epochs) from step %d.',

@@ -13,7 +13,8 @@ each path, in this order:
      'resized': the patch grid (R, C) is interpolated bilinearly with the
      corners aligned (the first and last rows/columns of the source grid land
      on those of the target; `scipy.ndimage.zoom(order=1)`, what big_vision
-     and the ViT release use), the class-token position copied as it is.
+     and the ViT release use; `vmoe_jax.pos_resize`), the class-token
+     position copied as it is.
   4. block_XX/moe/* where the source's block_XX has a dense mlp: sparse
      upcycling (Komatsuzaki et al. 2022, "Sparse Upcycling"): every expert e
      gets wi[e] = Dense_0/kernel, bi[e] = Dense_0/bias, wo[e] = Dense_1/kernel,
@@ -44,17 +45,14 @@ every "cannot map" / "lacks" error into 'fresh' (used by
 `vmoe_jax.distill.student_from_teacher`: copy what has the same path and
 shape).
 
-`load_npz` + `from_big_vision` read ViTs published as `.npz` (the ViT /
-AugReg release and big_vision) into our names.
+`vmoe_jax.npz_loader` reads ViTs published as `.npz` (the ViT / AugReg
+release and big_vision) into our names.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
 import re
-import zipfile
 import zlib
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -65,6 +63,8 @@ import jax
 import numpy as np
 
 from vmoe_jax.errors import UserError
+from vmoe_jax.pos_resize import grid_of
+from vmoe_jax.pos_resize import resize_pos_embedding
 
 ACTIONS = ('loaded', 'resized', 'upcycled', 'averaged', 'fresh', 'unused')
 MOE_TO_DENSE = ('error', 'fresh', 'expert_mean')
@@ -137,76 +137,6 @@ def _shape(x) -> tuple[int, ...]:
 
 def _cast(x, like):
   return x if x.dtype == like.dtype else x.astype(like.dtype)
-
-
-# --------------------------------------------------------------------------- pos_embedding
-
-
-def _interpolation_matrix(size_out: int, size_in: int) -> np.ndarray:
-  """(size_out, size_in) linear interpolation weights with the end points aligned.
-
-  Output i samples the input at i * (size_in - 1) / (size_out - 1); a single
-  output samples the middle.
-  """
-  if size_out == 1:
-    positions = np.array([(size_in - 1) / 2])
-  else:
-    positions = np.arange(size_out) * (size_in - 1) / (size_out - 1)
-  low = np.clip(np.floor(positions).astype(int), 0, max(size_in - 2, 0))
-  frac = positions - low
-  weights = np.zeros((size_out, size_in))
-  rows = np.arange(size_out)
-  np.add.at(weights, (rows, low), 1 - frac)
-  if size_in > 1:
-    np.add.at(weights, (rows, low + 1), frac)
-  return weights
-
-
-def resize_grid(grid, target_grid: tuple[int, int]) -> np.ndarray:
-  """(R, C, D) -> (R', C', D) float32 by bilinear interpolation with the corners aligned."""
-  grid = np.asarray(grid, np.float64)
-  rows = _interpolation_matrix(target_grid[0], grid.shape[0])
-  cols = _interpolation_matrix(target_grid[1], grid.shape[1])
-  return np.einsum('ri,cj,ijd->rcd', rows, cols, grid).astype(np.float32)
-
-
-def _grid_of(name: str, grid, patches: int, shape) -> tuple[int, int]:
-  """The (rows, cols) of `patches` positions: `grid` checked, or a square."""
-  if grid is None:
-    side = math.isqrt(patches)
-    if side * side != patches:
-      raise UserError(
-        f'pos_embedding: the {name} has {patches} patch positions {shape}, not a square grid; '
-        f'pass {name}_grid=(rows, cols).'
-      )
-    return side, side
-  rows, cols = (int(n) for n in grid)
-  if rows * cols != patches:
-    raise UserError(
-      f'{name}_grid=({rows}, {cols}) has {rows * cols} positions but the {name} pos_embedding '
-      f'{shape} has {patches} patch positions; pass the patch grid of the {name} model '
-      '(image size / patch size).'
-    )
-  return rows, cols
-
-
-def resize_pos_embedding(
-  pos, source_grid, target_grid, *, source_tokens: int, target_tokens: int
-) -> np.ndarray:
-  """(1, source_tokens + R*C, D) -> (1, target_tokens + R'*C', D) float32.
-
-  The grid part is row-major and resized by `resize_grid`. The class-token
-  position (`source_tokens` = 1) is kept as it is when the target has one,
-  dropped when it has none; a target token without a source one gets zeros.
-  """
-  pos = np.asarray(pos, np.float32)
-  width = pos.shape[-1]
-  grid = pos[0, source_tokens:].reshape(*source_grid, width)
-  resized = resize_grid(grid, target_grid).reshape(1, -1, width)
-  tokens = pos[:, :source_tokens][:, :target_tokens]
-  if tokens.shape[1] < target_tokens:
-    tokens = np.zeros((1, target_tokens, width), np.float32)
-  return np.concatenate([tokens, resized], axis=1)
 
 
 # --------------------------------------------------------------------------- mapping
@@ -307,8 +237,8 @@ def _pos_embedding(m: _Mapper, path: str):
     m.used.add(path)
     return m.mismatch(path, _mismatch(path, source_shape, target_shape))
   source_tokens, target_tokens = int('cls' in m.source), int('cls' in m.target)
-  source_grid = _grid_of('source', m.source_grid, source_shape[1] - source_tokens, source_shape)
-  target_grid = _grid_of('target', m.target_grid, target_shape[1] - target_tokens, target_shape)
+  source_grid = grid_of('source', m.source_grid, source_shape[1] - source_tokens, source_shape)
+  target_grid = grid_of('target', m.target_grid, target_shape[1] - target_tokens, target_shape)
   if source_shape == target_shape and source_grid == target_grid:
     return m.load(path)
   m.used.add(path)
@@ -523,141 +453,3 @@ def format_report(report: Report, prefix: str = 'init_from') -> str:
       part += f' ({_listing([e.path for e in entries])})'
     parts.append(part)
   return f'{prefix}: ' + ', '.join(parts)
-
-
-# --------------------------------------------------------------------------- .npz checkpoints
-
-_PREFIXES = ('params/', 'opt/target/')  # big_vision; old ViT releases with optimizer state.
-_TOP_LEVEL = {
-  'embedding/kernel': 'embedding/kernel',
-  'embedding/bias': 'embedding/bias',
-  'cls': 'cls',
-  'pos_embedding': 'pos_embedding',  # big_vision: no class-token position.
-  'Transformer/posembed_input/pos_embedding': 'pos_embedding',  # ViT release.
-  'Transformer/encoder_norm/scale': 'encoder_norm/scale',
-  'Transformer/encoder_norm/bias': 'encoder_norm/bias',
-  'head/kernel': 'head/kernel',
-  'head/bias': 'head/bias',
-  # The ViT release's representation layer: kept by name, no model of ours uses it.
-  'pre_logits/kernel': 'pre_logits/kernel',
-  'pre_logits/bias': 'pre_logits/bias',
-}
-# Inside an encoder block or the MAP head: (pattern, our name). The indices
-# differ between the ViT release (MultiHeadDotProductAttention_1,
-# LayerNorm_2, MlpBlock_3) and big_vision (_0, LayerNorm_1, MlpBlock_0).
-_BLOCK_RULES = (
-  (r'LayerNorm_0/(scale|bias)', r'norm_attention/\1'),
-  (r'LayerNorm_[12]/(scale|bias)', r'norm_mlp/\1'),
-  (r'MultiHeadDotProductAttention_[01]/(query|key|value|out)/(kernel|bias)', r'attention/\1/\2'),
-  (r'MlpBlock_[03]/(Dense_[01])/(kernel|bias)', r'mlp/\1/\2'),
-)
-_MAP_HEAD_RULES = (
-  (r'probe', 'probe'),
-  (r'LayerNorm_0/(scale|bias)', r'norm/\1'),
-  (r'MultiHeadDotProductAttention_0/(query|key|value|out)/(kernel|bias)', r'attention/\1/\2'),
-  (r'MlpBlock_0/(Dense_[01])/(kernel|bias)', r'mlp/\1/\2'),
-)
-
-
-def load_npz(path: str) -> dict[str, np.ndarray]:
-  """The arrays of a `.npz` file, {key: array} with its '/'-joined keys."""
-  if not os.path.isfile(path):
-    raise UserError(f'init_from: {path} is not a file; give the path of a .npz checkpoint.')
-  try:
-    arrays = np.load(path, allow_pickle=False)
-    if hasattr(arrays, 'files'):  # A .npy gives one array instead.
-      with arrays:
-        return {key: arrays[key] for key in arrays.files}
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-    raise UserError(
-      f'init_from: {path} is not a readable .npz file ({type(e).__name__}: {_first_line(e)}); '
-      'give a .npz checkpoint (big_vision / ViT release layout).'
-    ) from None
-  raise UserError(
-    f'init_from: {path} holds a single array, not an .npz archive of named parameters; '
-    'give a .npz checkpoint (big_vision / ViT release layout).'
-  )
-
-
-def _first_line(error: Exception) -> str:
-  lines = str(error).strip().splitlines()
-  return lines[0] if lines else ''
-
-
-def _rename(rest: str, rules) -> str | None:
-  for pattern, replacement in rules:
-    if re.fullmatch(pattern, rest):
-      return re.sub(pattern, replacement, rest)
-  return None
-
-
-def _strip_prefix(flat: Mapping[str, Any]) -> dict[str, Any]:
-  for prefix in _PREFIXES:
-    if f'{prefix}embedding/kernel' in flat:
-      return {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
-  return dict(flat)
-
-
-def _convert_key(key: str, value, out: dict, name: str) -> None:
-  """Puts one big_vision array into `out` under our name(s)."""
-  unknown = UserError(
-    f'{name}: unknown parameter {key!r}, not a ViT in the big_vision / ViT-release .npz '
-    "layout (keys like 'Transformer/encoderblock_0/LayerNorm_0/scale'); give such a checkpoint."
-  )
-  if key in _TOP_LEVEL:
-    out[_TOP_LEVEL[key]] = value
-  elif match := re.fullmatch(r'Transformer/encoderblock_(\d+)/(.+)', key):
-    ours = _rename(match.group(2), _BLOCK_RULES)
-    if ours is None:
-      raise unknown
-    out[f'block_{int(match.group(1)):02d}/{ours}'] = value
-  elif match := re.fullmatch(r'Transformer/encoderblock/(.+)', key):  # scan: (depth, ...).
-    ours = _rename(match.group(1), _BLOCK_RULES)
-    if ours is None:
-      raise unknown
-    for i in range(value.shape[0]):
-      out[f'block_{i:02d}/{ours}'] = value[i]
-  elif match := re.fullmatch(r'MAPHead_0/(.+)', key):
-    ours = _rename(match.group(1), _MAP_HEAD_RULES)
-    if ours is None:
-      raise unknown
-    out[f'map_head/{ours}'] = value
-  else:
-    raise unknown
-
-
-def from_big_vision(
-  flat: Mapping[str, Any], *, grid: tuple[int, int] | None = None, name: str = 'init_from'
-) -> dict:
-  """A ViT in big_vision / ViT-release names ({'a/b': array}) -> our nested params.
-
-  Encoder blocks 'Transformer/encoderblock_{i}/...' (or big_vision's scanned
-  'Transformer/encoderblock/...', stacked over depth) become block_{i:02d};
-  big_vision's 'MAPHead_0' becomes 'map_head' (`vmoe_jax.models.heads.MapHead`).
-  big_vision adds the position embeddings before it prepends the class token,
-  so its pos_embedding has no class-token position: with a 'cls' and a
-  pos_embedding of exactly the patch grid (`grid`, else a square number of
-  positions), a zero row is put first, which leaves the function unchanged
-  (our model adds pos_embedding after the class token). `name` labels errors.
-  """
-  flat = _strip_prefix(flat)
-  if 'embedding/kernel' not in flat:
-    raise UserError(
-      f"{name}: no 'embedding/kernel' among its {len(flat)} arrays, not a ViT in the big_vision "
-      '/ ViT-release .npz layout; give such a checkpoint.'
-    )
-  out: dict[str, Any] = {}
-  for key, value in flat.items():
-    _convert_key(key, np.asarray(value), out, name)
-  pos = out.get('pos_embedding')
-  if 'cls' in out and pos is not None and pos.ndim == 3:
-    positions = pos.shape[1]
-    patches = grid[0] * grid[1] if grid else math.isqrt(positions) ** 2
-    if positions == patches:
-      out['pos_embedding'] = np.concatenate([np.zeros_like(pos[:, :1]), pos], axis=1)
-  return unflatten(out)
-
-
-def load_big_vision(path: str, *, grid: tuple[int, int] | None = None) -> dict:
-  """`from_big_vision(load_npz(path))`: our nested params from a published ViT `.npz`."""
-  return from_big_vision(load_npz(path), grid=grid, name=f'init_from: {path}')

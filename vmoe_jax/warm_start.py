@@ -22,9 +22,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from vmoe_jax import checkpointing
 from vmoe_jax import inference
+from vmoe_jax import npz_loader
 from vmoe_jax import transfer
+from vmoe_jax import workdirs
 from vmoe_jax.errors import UserError
 
 
@@ -42,7 +43,7 @@ def _split_checkpoint_dir(path: str, step: int) -> tuple[str, int]:
   """'W/checkpoints/500' -> ('W', 500); a workdir -> (it, step)."""
   path = os.path.abspath(path)
   parent, name = os.path.split(path)
-  if re.fullmatch(r'\d+', name) and os.path.basename(parent) == checkpointing.CHECKPOINT_DIR:
+  if re.fullmatch(r'\d+', name) and os.path.basename(parent) == workdirs.CHECKPOINT_DIR:
     return os.path.dirname(parent), int(name)
   return path, step
 
@@ -52,7 +53,7 @@ def load_source(path: str, step: int = -1) -> Source:
   if not path:
     raise UserError('init_from is empty; pass --config.init_from=WORKDIR (or a .npz file).')
   if path.endswith('.npz'):
-    return Source(transfer.load_big_vision(path), f'{path} (npz)', None)
+    return Source(npz_loader.load_big_vision(path), f'{path} (npz)', None)
   if not os.path.exists(path):
     raise UserError(
       f'init_from={path!r} does not exist; pass the --workdir of a training run, one of its '

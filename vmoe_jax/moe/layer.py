@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from vmoe_jax.errors import UserError
+from vmoe_jax.errors import check_split
 from vmoe_jax.moe import dropless
 from vmoe_jax.moe import plans
 from vmoe_jax.moe import routers
@@ -275,11 +276,13 @@ class MoeMlp(nn.Module):
 def _sharded_forward(x, mask, params, noise, dropout_key, *, spec, train, mesh: Mesh):
   """`moe_forward` in shard_map: batch over ('data', 'expert'), experts over 'expert'."""
   num_devices = mesh.size
-  if x.shape[0] % num_devices:
-    raise UserError(
-      f'the batch of {x.shape[0]} images does not split over the {num_devices} devices of the '
-      f'mesh {dict(mesh.shape)}; use a batch size that is a multiple of {num_devices}.'
-    )
+  check_split(
+    x.shape[0],
+    num_devices,
+    f'the batch of {x.shape[0]} images',
+    f'the {num_devices} devices of the mesh {dict(mesh.shape)}',
+    f'use a batch size that is a multiple of {num_devices}.',
+  )
   batch_spec = P(BATCH_AXES)
   param_specs = {k: (P(EXPERT_AXIS) if k in EXPERT_PARAMS else P()) for k in params}
   # Optional inputs are bound outside the mapped function so that the
