@@ -7,7 +7,8 @@ r"""The Fashion-MNIST results tables: every model, several seeds, one command.
 
 Each row of the chosen table is a config (with overrides) trained once per
 seed (`--config.seed=S`), one run after another, in WORKDIR/<row>/seed=<S>
-(a finished run is not trained again; an unfinished one resumes). Then:
+(a finished run is not trained again; an unfinished one resumes), every row
+of the first seed before the next seed. Then:
 
   * WORKDIR/table.md, table.json: per row, the model, its parameters, active
     GFLOPs per image (`vmoe_jax.flops`, forward), test accuracy as mean +-
@@ -126,7 +127,7 @@ def train_all(table: dict, seeds: list[int], root: str, fixed: list[str], dry: b
   runs = []
   total = len(table) * len(seeds)
   for i, ((name, (config, overrides)), seed) in enumerate(
-    ((item, seed) for item in table.items() for seed in seeds), 1
+    ((item, seed) for seed in seeds for item in table.items()), 1
   ):
     workdir = os.path.join(root, slug(name), f'seed={seed}')
     cmd = train_command(config, workdir, seed, overrides, fixed)
@@ -363,6 +364,9 @@ def parse_args(argv):
   parser.add_argument('--workdir', default='/tmp/fashion_table', help='root of the runs')
   parser.add_argument('--capacity_factors', default='0.1,0.25,0.5,1.0,2.0')
   parser.add_argument('--print', action='store_true', help='print the commands only')
+  parser.add_argument(
+    '--train_only', action='store_true', help='train the runs, leave the tables for later'
+  )
   args, rest = parser.parse_known_args(argv)
   unknown = [a for a in rest if not a.startswith('--config.')]
   if unknown:
@@ -380,7 +384,7 @@ def main(argv) -> int:
   args, fixed = parse_args(argv)
   root = os.path.abspath(os.path.join(args.workdir, args.table))
   runs = train_all(TABLES[args.table], args.seeds, root, fixed, args.print)
-  if args.print:
+  if args.print or args.train_only:
     return 0
   table = aggregate(runs)
   text = markdown(table)

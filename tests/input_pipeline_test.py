@@ -167,3 +167,28 @@ def test_tfds_missing_dataset_is_one_clear_line(tmp_path):
 def test_unknown_dataset_name():
   with pytest.raises(UserError, match="'cifar11' is neither an in-memory dataset"):
     input_pipeline.create_dataset(tfds_config(dataset='cifar11'))
+
+
+def test_train_per_class_keeps_the_first_examples_of_every_class():
+  images = np.arange(10)[:, None, None, None].astype(np.float32)
+  labels = np.array([0, 1, 0, 2, 1, 0, 2, 2, 1, 0], np.int32)
+  kept_images, kept_labels = input_pipeline.first_per_class((images, labels), 2, 'train')
+  # By hand: class 0 at 0, 2; class 1 at 1, 4; class 2 at 3, 6 -- in their order.
+  np.testing.assert_array_equal(kept_images[:, 0, 0, 0], [0, 1, 2, 3, 4, 6])
+  np.testing.assert_array_equal(kept_labels, [0, 1, 0, 2, 1, 2])
+  with pytest.raises(UserError, match=r'^input.train_per_class=4 exceeds the 3 examples of class 1'):
+    input_pipeline.first_per_class((images, labels), 4, 'train')
+
+
+def test_digits_at_10_images_per_class():
+  config = config_defaults.get_config()
+  config.input.train_per_class = 10
+  config.input.crop_padding, config.input.flip = 0, False  # Batches hold the images as they are.
+  dataset = input_pipeline.create_dataset(config)
+  assert dataset.num_train == 100
+  np.testing.assert_array_equal(np.bincount(dataset.train_arrays[1]), [10] * 10)
+  # Batches draw from those 100 images only.
+  batch = next(dataset.train_batches(0))
+  train_images = dataset.train_arrays[0].reshape(100, -1)
+  for image in batch['image'][:5].reshape(5, -1):
+    assert np.any(np.all(np.isclose(train_images, image), axis=1))

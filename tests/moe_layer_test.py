@@ -120,7 +120,10 @@ def test_expert_parallel_matches_unsharded(data, case):
     assert float(ref_moe[0]['dropped']) > 0
   else:
     assert float(ref_moe[0]['dropped']) == 0
-  for shards in (1, 2, 4, 8):
+  # Every mesh for two top-k cases; for the others, several experts per device
+  # (2 shards) and one (8 shards): each mesh is a compilation, and CI time counts.
+  every_mesh = case in (ROUTER_CASES[0], ROUTER_CASES[3])
+  for shards in (1, 2, 4, 8) if every_mesh else (2, 8):
     mesh = sharding.create_mesh(shards, NUM_EXPERTS)
     specs = sharding.param_specs(boxed)
     placed = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))

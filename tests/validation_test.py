@@ -24,9 +24,12 @@ CONFIG_ARGS = {
   'cifar10_switch.py': (None, 'local'),
   'cifar10_vit.py': (None, 'local'),
   'cifar10_vmoe.py': (None, 'local'),
+  'digits_finetune.py': (None, '10shot'),
   'digits_switch.py': (None,),
   'digits_vit.py': (None,),
+  'fashion_distill.py': (None,),
   'fashion_switch.py': (None, 'val'),
+  'fashion_upcycle.py': (None, 'dense'),
   'fashion_vit.py': (None, 'val'),
   'fashion_vmoe.py': (None, 'val'),
 }
@@ -389,6 +392,12 @@ BATTERY = [
     'schedule.end_value=0.01 exceeds the peak optimizer.learning_rate=0.002',
   ),
   ('digits_switch.py', {'profile.start_step': 1500}, 'profile.start_step=1500 is never reached'),
+  ('digits_vit.py', {'input.train_per_class': -1}, 'input.train_per_class=-1 must be'),
+  (
+    'cifar10_vit.py',
+    {'input.train_per_class': 10},
+    "input.train_per_class=10 applies to the in-memory datasets ['digits', 'fashion_mnist']",
+  ),
   # Cross-field: transfer.
   ('digits_switch.py', {'init.step': 3}, "init.step=3 applies to init_from, which is ''"),
   (

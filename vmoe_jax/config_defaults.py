@@ -102,6 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.crop_padding = 4  # Random crop after padding by this many pixels.
   config.input.flip = True  # Random horizontal flips.
   config.input.num_eval_examples = -1  # Evaluate on the first N test examples; -1: all.
+  # Low-data training: keep the first N train examples of every class (of the
+  # sliced train split; in-memory datasets); 0: all.
+  config.input.train_per_class = 0
 
   # Optimizer.
   config.optimizer = ml_collections.ConfigDict()

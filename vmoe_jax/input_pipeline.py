@@ -310,6 +310,23 @@ def _in_memory_splits(config):
   raise UserError(fashion_mnist_missing_message(data_dir))
 
 
+def first_per_class(split: tuple[np.ndarray, np.ndarray], per_class: int, spec: str):
+  """The first `per_class` examples of every class of (images, labels), in their order."""
+  images, labels = split
+  counts = np.bincount(labels)
+  short = [c for c in range(len(counts)) if counts[c] < per_class]
+  if short:
+    raise UserError(
+      f'input.train_per_class={per_class} exceeds the {counts[short[0]]} examples of class '
+      f'{short[0]} in {spec!r}; use at most {counts.min()} (or 0 for all).'
+    )
+  rank = np.zeros(len(labels), np.int64)
+  for c in range(len(counts)):
+    rank[labels == c] = np.arange(counts[c])
+  keep = rank < per_class
+  return images[keep], labels[keep]
+
+
 def create_dataset(config, process_index: int = 0, process_count: int = 1) -> Dataset:
   """The dataset named by `config.input.dataset`, read by process `process_index`."""
   local_batch = local_batch_size(config.input.batch_size, process_count)
@@ -318,10 +335,13 @@ def create_dataset(config, process_index: int = 0, process_count: int = 1) -> Da
     found = _in_memory_splits(config)
     if found is not None:
       splits, normalize = found
+      train = slice_split(config.input.train_split, splits)
+      if config.input.get('train_per_class', 0) > 0:
+        train = first_per_class(train, config.input.train_per_class, config.input.train_split)
       return in_memory_dataset(
         config.input.dataset,
         config,
-        slice_split(config.input.train_split, splits),
+        train,
         slice_split(config.input.test_split, splits),
         normalize,
         10,

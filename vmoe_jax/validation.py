@@ -118,6 +118,12 @@ def _check_input(v, size) -> None:
       f'model.patch_size={patch}{where} is larger than the {side}x{side} images of {dataset}; '
       f'use a patch size of at most {side}, e.g. --config.model.patch_size={suggestion}.'
     )
+  if v.get('input.train_per_class', 0) and dataset not in IN_MEMORY_SPLITS:
+    raise UserError(
+      f'input.train_per_class={v["input.train_per_class"]} applies to the in-memory datasets '
+      f'{sorted(IN_MEMORY_SPLITS)}, not {dataset!r}; slice the split instead '
+      "(--config.input.train_split='train[:1000]')."
+    )
   if dataset in IN_MEMORY_SPLITS:
     splits = {name: (range(n), range(n)) for name, n in IN_MEMORY_SPLITS[dataset].items()}
     for key in ('input.train_split', 'input.test_split'):

@@ -219,6 +219,7 @@ RULES: dict[str, Rule] = {
   'input.crop_padding': integer(ge=0),
   'input.flip': boolean(),
   'input.num_eval_examples': integer(ge=1, also=(-1,), note='-1: all'),
+  'input.train_per_class': integer(ge=0, note='0: all'),
   # Optimizer.
   'optimizer.name': choice(optim.OPTIMIZERS),
   'optimizer.learning_rate': number(gt=0, note='the peak learning rate'),

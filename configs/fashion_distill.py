@@ -1,0 +1,22 @@
+r"""Distillation: a Switch-ViT teacher into the dense Fashion-MNIST ViT.
+
+  # Teacher: python -m vmoe_jax.main --config=configs/fashion_switch.py --workdir=/tmp/fashion_switch
+  python -m vmoe_jax.main --config=configs/fashion_distill.py --workdir=/tmp/student \
+      --config.distill.teacher=/tmp/fashion_switch
+
+configs/fashion_vit.py trained on 0.5 * CE(labels) + 0.5 * T^2 * KL(teacher
+|| student) at temperature T = 2, the teacher frozen in the same jitted
+step; its baseline is configs/fashion_vit.py itself (same steps, seed).
+`--config.distill.init_from_teacher=True` starts the student from the
+teacher's non-expert weights (the Switch paper's initialisation).
+"""
+
+from vmoe_jax import config_defaults
+
+
+def get_config(arg=None):
+  config_defaults.config_arg(arg, (), __file__)
+  config = config_defaults.sibling_config(__file__, 'fashion_vit.py')
+  config.distill.alpha = 0.5
+  config.distill.temperature = 2.0
+  return config
