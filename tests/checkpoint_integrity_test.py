@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import tensorstore as ts
 from jax.sharding import NamedSharding
+from checkpoint_surgery import flip_byte
 from jax.sharding import PartitionSpec as P
 
 from vmoe_jax import checkpoint_integrity
@@ -99,60 +99,6 @@ def digests(directory) -> dict:
       with open(path, 'rb') as f:
         out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
   return out
-
-
-# --------------------------------------------------------------------------- OCDBT surgery
-
-
-def _kvstore(state_dir):
-  return ts.KvStore.open(f'file://{os.path.abspath(state_dir)}/').result()
-
-
-def chunks(state_dir, array):
-  """(key, data file, offset, length) of each chunk of `array` stored out of line."""
-  kv = _kvstore(state_dir)
-  manifest = ts.ocdbt.dump(kv).result()
-  root = manifest['versions'][-1]['root']['location']
-  node = ts.ocdbt.dump(kv, root).result()
-  assert node['height'] == 0  # A small checkpoint: one B-tree leaf lists every key.
-  out = []
-  text = lambda v: v.decode() if isinstance(v, bytes) else v
-  for entry in node['entries']:
-    key, value = text(entry['key']), text(entry.get('indirect_value'))
-    if key.startswith(array + '/') and value is not None:
-      _, prefix, data_file, offset, length = value.split(':')
-      out.append((key, os.path.join(state_dir, prefix, data_file), int(offset), int(length)))
-  return out
-
-
-def read_array(state_dir, array):
-  """The array as tensorstore reads it now, or None when it cannot be decoded."""
-  spec = {
-    'driver': 'zarr',
-    'kvstore': {'driver': 'ocdbt', 'base': f'file://{os.path.abspath(state_dir)}/'},
-    'path': array + '/',
-  }
-  try:
-    return ts.open(spec, open=True, read=True).result().read().result()
-  except ValueError:
-    return None
-
-
-def flip_byte(state_dir, array) -> bool:
-  """Flips one byte in the middle of the largest chunk of `array`; True if it still decodes."""
-  before = read_array(state_dir, array)
-  assert before is not None
-  _, path, offset, length = max(chunks(state_dir, array), key=lambda c: c[3])
-  with open(path, 'r+b') as f:
-    f.seek(offset + length // 2)
-    byte = f.read(1)
-    f.seek(offset + length // 2)
-    f.write(bytes([byte[0] ^ 0x5A]))
-  after = read_array(state_dir, array)
-  if after is None:
-    return False
-  assert not np.array_equal(before, after)  # The flip changed what is read.
-  return True
 
 
 @pytest.fixture(scope='module')
