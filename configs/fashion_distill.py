@@ -1,6 +1,7 @@
 r"""Distillation: a Switch-ViT teacher into the dense Fashion-MNIST ViT.
 
-  # Teacher: python -m vmoe_jax.main --config=configs/fashion_switch.py --workdir=/tmp/fashion_switch
+  # Teacher: python -m vmoe_jax.main --config=configs/fashion_switch.py \
+  #     --workdir=/tmp/fashion_switch
   python -m vmoe_jax.main --config=configs/fashion_distill.py --workdir=/tmp/student \
       --config.distill.teacher=/tmp/fashion_switch
 

@@ -124,8 +124,13 @@ def run_logged(cmd: list[str], workdir: str, label: str) -> tuple[int, float]:
   return code, time.perf_counter() - start
 
 
-def train_all(table: dict, seeds: list[int], root: str, fixed: list[str], dry: bool) -> list[dict]:
-  """Trains every (row, seed) not finished yet; returns the runs with their workdirs."""
+def train_all(
+  table: dict, seeds: list[int], root: str, fixed: list[str], dry: bool, rows: tuple | None = ()
+) -> list[dict]:
+  """Trains the (row, seed) runs not finished yet, of `rows` (row slugs; () all, None none).
+
+  Returns every run of the table with its workdir, trained now or not.
+  """
   runs = []
   total = len(table) * len(seeds)
   for i, ((name, (config, overrides)), seed) in enumerate(
@@ -138,6 +143,8 @@ def train_all(table: dict, seeds: list[int], root: str, fixed: list[str], dry: b
     if dry:
       print(shlex.join(cmd))
       continue
+    if rows is None or (rows and slug(name) not in rows):
+      continue  # Not trained now; its results are used if they exist.
     if os.path.exists(os.path.join(workdir, 'results.json')):
       print(f'{label} done already', flush=True)
       continue
@@ -316,20 +323,33 @@ def capacity_table(sweeps: list[dict]) -> tuple[str, dict]:
     key = (s['name'], s['capacity_factor'], bool(s['batch_priority']))
     grouped.setdefault(key, []).append(s)
   lines = [
-    '| model | C | vanilla | BPR | BPR - vanilla | kept share (BPR) |',
+    '| model | C | vanilla | BPR | BPR - vanilla | kept share |',
     '| --- | ---: | ---: | ---: | ---: | ---: |',
   ]
   for name in dict.fromkeys(k[0] for k in grouped):
     for c in sorted({k[1] for k in grouped if k[0] == name}):
-      vanilla = _mean_std([s['accuracy'] for s in grouped.get((name, c, False), [])])
-      bpr = _mean_std([s['accuracy'] for s in grouped.get((name, c, True), [])])
-      kept = _mean_std([s['kept_share'] for s in grouped.get((name, c, True), [])])[0]
+      vanilla = grouped.get((name, c, False), [])
+      bpr = grouped.get((name, c, True), [])
+      kept = _mean_std([s['kept_share'] for s in bpr or vanilla])[0]
+      gap = '-'
+      if vanilla and bpr:
+        means = [_mean_std([s['accuracy'] for s in side])[0] for side in (bpr, vanilla)]
+        gap = f'{100 * (means[0] - means[1]):+.2f}'
       lines.append(
-        f'| {name} | {c:g} | {100 * vanilla[0]:.2f} ± {100 * vanilla[1]:.2f}% | '
-        f'{100 * bpr[0]:.2f} ± {100 * bpr[1]:.2f}% | {100 * (bpr[0] - vanilla[0]):+.2f} | '
+        f'| {name} | {c:g} | {_accuracy_cell(vanilla)} | {_accuracy_cell(bpr)} | {gap} | '
         f'{100 * kept:.1f}% |'
       )
   return '\n'.join(lines) + '\n', grouped
+
+
+def _accuracy_cell(settings: list[dict]) -> str:
+  """Mean +- std over the seeds' runs of one setting; '-' when it was not evaluated."""
+  if not settings:
+    return '-'
+  mean, std = _mean_std([s['accuracy'] for s in settings])
+  if len(settings) == 1:
+    return f'{100 * mean:.2f}%'
+  return f'{100 * mean:.2f} ± {100 * std:.2f}%'
 
 
 def plot_capacity(grouped: dict, path: str) -> None:
@@ -376,6 +396,12 @@ def parse_args(argv):
   parser.add_argument(
     '--train_only', action='store_true', help='train the runs, leave the tables for later'
   )
+  parser.add_argument(
+    '--aggregate_only', action='store_true', help='train nothing; tables of the finished runs'
+  )
+  parser.add_argument(
+    '--train_rows', default='', help='comma-separated row names (slugs) to train; default all'
+  )
   args, rest = parser.parse_known_args(argv)
   unknown = [a for a in rest if not a.startswith('--config.')]
   if unknown:
@@ -392,7 +418,16 @@ def parse_args(argv):
 def main(argv) -> int:
   args, fixed = parse_args(argv)
   root = os.path.abspath(os.path.join(args.workdir, args.table))
-  runs = train_all(TABLES[args.table], args.seeds, root, fixed, args.print)
+  rows = tuple(r for r in args.train_rows.split(',') if r)
+  unknown_rows = sorted(set(rows) - {slug(name) for name in TABLES[args.table]})
+  if unknown_rows:
+    sys.exit(
+      f'error: --train_rows names {unknown_rows}, not rows of --table={args.table}; '
+      f'use some of {sorted(slug(n) for n in TABLES[args.table])}.'
+    )
+  if args.aggregate_only:
+    rows = None
+  runs = train_all(TABLES[args.table], args.seeds, root, fixed, args.print, rows)
   if args.print or args.train_only:
     return 0
   table = aggregate(runs)

@@ -74,7 +74,9 @@ def fewshot_line(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--workdir', default='/tmp/readme_figures')
   parser.add_argument('--sweep', action='store_true', help='also the README sweep (3 runs)')
   args = parser.parse_args(argv)
@@ -93,8 +95,12 @@ def main(argv=None) -> int:
   eval_dir = os.path.join(root, 'eval')
   run(
     [
-      python, '-m', 'vmoe_jax.evaluate', f'--workdir={run_dir}',
-      f'--capacity_factors={CAPACITIES}', f'--output_dir={eval_dir}',
+      python,
+      '-m',
+      'vmoe_jax.evaluate',
+      f'--workdir={run_dir}',
+      f'--capacity_factors={CAPACITIES}',
+      f'--output_dir={eval_dir}',
     ],
     os.path.join(root, 'evaluate.log'),
   )
@@ -117,8 +123,12 @@ def main(argv=None) -> int:
     sweep_root = os.path.join(root, 'sweep')
     run(
       [
-        python, 'launch/sweep.py', '--config=configs/digits_switch.py',
-        '--sweep', 'model.moe.num_experts=4,8,16', f'--workdir={sweep_root}',
+        python,
+        'launch/sweep.py',
+        '--config=configs/digits_switch.py',
+        '--sweep',
+        'model.moe.num_experts=4,8,16',
+        f'--workdir={sweep_root}',
       ],
       os.path.join(root, 'sweep.log'),
     )

@@ -53,8 +53,12 @@ def runs_of(flow: str, upstream: str, teacher: str | None) -> list[tuple[str, li
     ]
   if not teacher:
     raise SystemExit('error: --flows=distill needs --teacher=WORKDIR of a trained Switch-ViT.')
-  return [('dense student of the Switch-ViT', ['--config=configs/fashion_distill.py',
-                                                f'--config.distill.teacher={teacher}'])]
+  return [
+    (
+      'dense student of the Switch-ViT',
+      ['--config=configs/fashion_distill.py', f'--config.distill.teacher={teacher}'],
+    )
+  ]
 
 
 def accuracies(workdir: str) -> list[tuple[int, float]]:
@@ -69,7 +73,9 @@ def accuracies(workdir: str) -> list[tuple[int, float]]:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--upstream', required=True, help='workdir of a trained fashion_vit run')
   parser.add_argument('--teacher', default=None, help='workdir of a trained fashion_switch run')
   parser.add_argument('--workdir', default='/tmp/transfer')
@@ -97,11 +103,19 @@ def main(argv=None) -> int:
         results = json.load(f)
       evals = accuracies(workdir)
       rows.append(
-        dict(flow=flow, name=name, workdir=workdir, accuracy=results['test/accuracy'],
-             evaluations=evals, train_seconds=results['train_seconds'])
+        dict(
+          flow=flow,
+          name=name,
+          workdir=workdir,
+          accuracy=results['test/accuracy'],
+          evaluations=evals,
+          train_seconds=results['train_seconds'],
+        )
       )
-  lines = ['| flow | run | test accuracy | at step 0 | evaluations (step: accuracy) |',
-           '| --- | --- | ---: | ---: | --- |']
+  lines = [
+    '| flow | run | test accuracy | at step 0 | evaluations (step: accuracy) |',
+    '| --- | --- | ---: | ---: | --- |',
+  ]
   for r in rows:
     first = dict(r['evaluations']).get(0)
     evals = ', '.join(f'{s}: {100 * a:.2f}' for s, a in r['evaluations'])

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import NamedSharding
+from checkpoint_surgery import chunks
 from checkpoint_surgery import flip_byte
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vmoe_jax import checkpoint_integrity

@@ -61,5 +61,3 @@ def flip_byte(state_dir, array) -> bool:
     return False
   assert not np.array_equal(before, after)  # The flip changed what is read.
   return True
-
-

@@ -10,9 +10,10 @@ from vmoe_jax.models import factory
 from vmoe_jax.models import vit
 from vmoe_jax.moe.spec import MoeSpec
 
-
 # A file in configs/: sibling_config resolves names next to it.
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'x.py')
+CONFIGS = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'x.py'
+)
 
 
 def small(**kwargs):

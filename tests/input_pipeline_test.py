@@ -176,7 +176,9 @@ def test_train_per_class_keeps_the_first_examples_of_every_class():
   # By hand: class 0 at 0, 2; class 1 at 1, 4; class 2 at 3, 6 -- in their order.
   np.testing.assert_array_equal(kept_images[:, 0, 0, 0], [0, 1, 2, 3, 4, 6])
   np.testing.assert_array_equal(kept_labels, [0, 1, 0, 2, 1, 2])
-  with pytest.raises(UserError, match=r'^input.train_per_class=4 exceeds the 3 examples of class 1'):
+  with pytest.raises(
+    UserError, match=r'^input.train_per_class=4 exceeds the 3 examples of class 1'
+  ):
     input_pipeline.first_per_class((images, labels), 4, 'train')
 
 

@@ -311,7 +311,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise UserError(unknown_key_message(path, list(known)))
 
 
-def sibling_config(config_file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+def sibling_config(
+  config_file: str, name: str, arg: str | None = None
+) -> ml_collections.ConfigDict:
   """get_config(arg) of the config file `name` next to `config_file`.
 
   Lets one config build on another (configs/fashion_switch.py on
