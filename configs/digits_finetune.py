@@ -13,7 +13,15 @@ Fashion-MNIST checkpoint maps onto it: 8x8 digits give a 2x2 token grid
 instead of 7x7 (the position embedding is resized bilinearly), and the
 head, of the same 10 classes, is loaded too (init_from keeps what matches).
 300 steps of AdamW 1e-3 (cosine, 50 warmup steps), 1-pixel shifts.
-Measured figures: the README, "Transfer".
+Measured (`launch/transfer_table.py --flows=finetune`, upstream: the
+fashion_vit seed-0 run at 86.24%), digits test accuracy after 300 steps:
+
+  all 1,438 train images: fine-tuned 96.66%, from scratch 97.49%
+  10 images per class:    fine-tuned 76.60%, from scratch 76.32%
+
+At 8x8 pixels the model sees a 2x2 token grid through a stem trained on
+28x28 clothing: the upstream features do not transfer here (+0.28 points
+at 10 per class, -0.83 on all images).
 """
 
 from vmoe_jax import config_defaults

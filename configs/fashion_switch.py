@@ -6,7 +6,12 @@ The dense recipe with 8 experts in blocks 1 and 3 (every other block), each
 expert as wide as the dense MLP (512): top-1 routing, so every kept token runs
 exactly the dense MLP's FLOPs (plus the router's 128x8 matmul). Capacity
 factor 1.25 at training, 2.0 at evaluation, load-balancing loss 0.01, groups
-of 8 images. Measured figures: docs/fashion_mnist.md and the README.
+of 8 images.
+
+Measured (2 CPU cores, one device, seed 0, alone on the machine): 87.23%
+test accuracy after 1,200 steps (dense: 86.24%); 14.0 min training, 14.8 min
+for the command; 187 training images/s (1.11x the dense step time); 0.5% of
+the test assignments dropped; 2.74M parameters, 0.0912 GFLOPs/image.
 """
 
 from vmoe_jax import config_defaults

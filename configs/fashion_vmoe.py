@@ -7,8 +7,13 @@ routing (Riquelme et al. 2021): top-2, capacity factor 1.05, router noise
 1/E, importance and load losses 0.005 each, groups of 8 images, trained
 without and evaluated with Batch Prioritized Routing. Equal active FLOPs:
 each expert is HALF as wide as the dense MLP (256), so the two experts a
-token visits cost what the dense MLP costs. Measured figures:
-docs/fashion_mnist.md and the README.
+token visits cost what the dense MLP costs.
+
+Measured (2 CPU cores, seed 0): 87.13% test accuracy after 1,200 steps
+(dense: 86.24%), evaluated with BPR at C=1.05; 7.9% of the test assignments
+dropped; 1.69M parameters, 0.0912 GFLOPs/image. Its 25.3 min of training
+(92 images/s) were measured while the test suite shared the machine, so
+they are not comparable with the dense run's 12.6 min.
 """
 
 from vmoe_jax import config_defaults
