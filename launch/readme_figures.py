@@ -69,7 +69,7 @@ def eval_table(report: dict) -> str:
 
 
 def fewshot_line(report: dict) -> str:
-  shots = report.get('fewshot') or {}
+  shots = (report.get('fewshot') or {}).get('shots', {})
   return ', '.join(f'{100 * r["accuracy"]:.1f}% ({k}-shot)' for k, r in shots.items())
 
 
