@@ -6,7 +6,6 @@ file, at which offset, each chunk of each array lies. The tests flip one
 byte in the middle of a chunk of a named array there.
 """
 
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from checkpoint_surgery import chunks
+from checkpoint_surgery import digests
 from checkpoint_surgery import flip_byte
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -89,16 +89,6 @@ def listing(workdir) -> dict:
       path = os.path.join(root, name)
       info = os.stat(path)
       out[os.path.relpath(path, workdir)] = (info.st_size, info.st_mtime_ns)
-  return out
-
-
-def digests(directory) -> dict:
-  out = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, 'rb') as f:
-        out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
   return out
 
 

@@ -6,10 +6,22 @@ lies; `flip_byte` flips one byte in the middle of a chunk of a named array
 ('params.block_01.moe.wi', 'opt_state.v.block_01.moe.wi').
 """
 
+import hashlib
 import os
 
 import numpy as np
 import tensorstore as ts
+
+
+def digests(directory) -> dict:
+  """{relative path: sha256} of every file under `directory` (to show nothing changed)."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+  return out
 
 
 def _kvstore(state_dir):

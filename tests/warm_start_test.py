@@ -1,26 +1,16 @@
 """config.init_from end to end: what a transferred run starts from, and what it refuses."""
 
-import hashlib
 import os
 import shutil
 
 import pytest
+from checkpoint_surgery import digests
 from checkpoint_surgery import flip_byte
 from small_configs import tiny_config
 
 from vmoe_jax import metrics
 from vmoe_jax import train
 from vmoe_jax.errors import UserError
-
-
-def digests(directory) -> dict:
-  out = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, 'rb') as f:
-        out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-  return out
 
 
 def dense_config(steps=3):
