@@ -4,18 +4,20 @@ r"""Dense ViT on Fashion-MNIST: the benchmark of these machines.
   python -m vmoe_jax.main --config=configs/fashion_vit.py:val ...   # tuning split
 
 Model: 28x28 grey images, a convolutional stem (Xiao et al. 2021: two 3x3
-stride-2 convolutions to 7x7 tokens, counted in the FLOPs), width 128,
-depth 4, 4 heads, MLP 512, global average pooling. AdamW 2e-3 with a cosine
-decay after 200 warmup steps, batch 128, no augmentation, no label smoothing.
+stride-2 convolutions to 7x7 tokens, each followed by one stride-1 3x3
+convolution, `model.stem_extra_convs=1`; all counted in the FLOPs), width
+128, depth 4, 4 heads, MLP 512, global average pooling. AdamW 1e-3 with a
+cosine decay after 200 warmup steps, batch 64, 2,600 steps (2.8 epochs), no
+augmentation, no label smoothing.
 
 `:val` trains on train[:54000] and evaluates on train[54000:] (the held-out
 slice all tuning used; the test split was never looked at while tuning).
 What was tried is in docs/fashion_mnist.md; the README's results table is
 `python launch/fashion_table.py --table=main`.
 
-Measured (2 CPU cores, one device, seed 0, alone on the machine): 86.24%
-test accuracy after 1,200 steps; 12.6 min training, 13.5 min for the whole
-command; 208 training images/s; 0.892M parameters, 0.091 GFLOPs/image.
+Measured (2 CPU cores, one device, seed 0, alone on the machine): 89.42%
+test accuracy; 17.9 min training, 19.0 min for the whole command; 0.405 s a
+step (158 training images/s); 1.077M parameters, 0.120 GFLOPs/image.
 """
 
 from vmoe_jax import config_defaults
@@ -27,6 +29,7 @@ def get_config(arg=None):
 
   config.model.patch_size = 4
   config.model.stem = 'conv'
+  config.model.stem_extra_convs = 1
   config.model.width = 128
   config.model.depth = 4
   config.model.num_heads = 4
@@ -34,7 +37,7 @@ def get_config(arg=None):
   config.model.classifier = 'gap'
 
   config.input.dataset = 'fashion_mnist'
-  config.input.batch_size = 128
+  config.input.batch_size = 64
   config.input.eval_batch_size = 512  # 10,000 test images in 20 padded batches.
   config.input.crop_padding = 0
   config.input.flip = False
@@ -43,14 +46,14 @@ def get_config(arg=None):
     config.input.test_split = 'train[54000:]'
 
   config.optimizer.name = 'adamw'
-  config.optimizer.learning_rate = 2e-3
+  config.optimizer.learning_rate = 1e-3
   config.optimizer.weight_decay = 5e-5
   config.optimizer.head_weight_decay = 5e-5
   config.optimizer.label_smoothing = 0.0
   config.schedule.decay = 'cosine'
   config.schedule.warmup_steps = 200
-  config.train.num_steps = 1200
+  config.train.num_steps = 2600
   config.train.log_every = 100
   config.train.eval_every = 0  # Evaluated once, at the end.
-  config.train.checkpoint_every = 600
+  config.train.checkpoint_every = 1300
   return config

@@ -315,12 +315,18 @@ BATTERY = [
   ),
   (
     'digits_switch.py',
+    {'model.stem_extra_convs': 1},
+    "model.stem_extra_convs=1 needs model.stem='conv' (got 'patch'); add --config.model.stem=conv",
+  ),
+  ('fashion_vit.py', {'model.stem_extra_convs': -1}, 'model.stem_extra_convs=-1 must be'),
+  (
+    'digits_switch.py',
     {'model.patch_size': None, 'model.variant': 'S/16'},
     "model.patch_size=16 (from model.variant='S/16') is larger than the 8x8 images of digits",
   ),
   (
     'fashion_vit.py',
-    {'model.stem': 'patch', 'model.patch_size': 32},
+    {'model.stem': 'patch', 'model.stem_extra_convs': 0, 'model.patch_size': 32},
     'model.patch_size=32 is '
     'larger than the 28x28 images of fashion_mnist; use a patch size of at most 28, e.g. '
     '--config.model.patch_size=4.',
@@ -389,7 +395,7 @@ BATTERY = [
   (
     'fashion_vit.py',
     {'schedule.end_value': 0.01},
-    'schedule.end_value=0.01 exceeds the peak optimizer.learning_rate=0.002',
+    'schedule.end_value=0.01 exceeds the peak optimizer.learning_rate=0.001',
   ),
   ('digits_switch.py', {'profile.start_step': 1500}, 'profile.start_step=1500 is never reached'),
   ('digits_vit.py', {'input.train_per_class': -1}, 'input.train_per_class=-1 must be'),

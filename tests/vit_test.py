@@ -190,10 +190,35 @@ def test_conv_stem_tokens_and_errors():
   assert params['stem']['projection']['kernel'].shape == (1, 1, 16, 16)
   logits, _ = model.apply(variables, images, train=False)
   assert logits.shape == (2, 10)
+  extra = model.clone(stem_extra_convs=1).init(jax.random.key(0), images, train=False)['params']
+  assert extra['stem']['conv_0_1']['kernel'].shape == (3, 3, 8, 8)  # Stride 1 at 14x14.
+  assert extra['stem']['conv_1_1']['kernel'].shape == (3, 3, 16, 16)  # Stride 1 at 7x7.
+  assert extra['pos_embedding'].shape == (1, 49, 16)
   with pytest.raises(UserError, match='power of 2'):
     model.clone(patch_size=7).init(jax.random.key(0), images, train=False)
   with pytest.raises(UserError, match="model.stem='convv' is unknown"):
     model.clone(stem='convv').init(jax.random.key(0), images, train=False)
+
+
+@pytest.mark.parametrize(
+  'height, width, channels, stride', [(28, 28, 1, 2), (14, 14, 8, 2), (7, 9, 3, 2), (7, 9, 3, 1)]
+)
+def test_conv3x3_equals_lax_conv(height, width, channels, stride):
+  # The matmul form against XLA's own 'SAME' convolution with the same
+  # parameters (odd sizes at stride 2 pad one pixel at the bottom/right only).
+  images = jax.random.normal(jax.random.key(1), (2, height, width, channels))
+  layer = vit.Conv3x3(5, stride=stride)
+  variables = layer.init(jax.random.key(2), images)
+  kernel, bias = variables['params']['kernel'], variables['params']['bias'] + 0.5
+  expected = (
+    jax.lax.conv_general_dilated(
+      images, kernel, (stride, stride), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
+    + bias
+  )
+  got = layer.apply({'params': {'kernel': kernel, 'bias': bias}}, images)
+  assert got.shape == (2, -(-height // stride), -(-width // stride), 5)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_map_classifier_pools_every_token():

@@ -105,16 +105,18 @@ def moe_layer_work(spec, tokens: int, images: int | None, capacity_factor: float
 
 
 def _embedding_flops(model, height: int, width_px: int, channels: int) -> float:
-  """The patch embedding, or the conv stem's 3x3 stride-2 convolutions and 1x1 projection."""
+  """The patch embedding, or the conv stem's 3x3 convolutions and 1x1 projection."""
   d, p = model.width, model.patch_size
   if getattr(model, 'stem', 'patch') != 'conv':
     return 2.0 * (height // p) * (width_px // p) * p * p * channels * d
   from vmoe_jax.models import vit  # pylint: disable=g-import-not-at-top
 
   total, rows, cols, in_channels = 0.0, height, width_px, channels
+  extra = getattr(model, 'stem_extra_convs', 0)
   for out_channels in vit.conv_stem_channels(d, p):
     rows, cols = -(-rows // 2), -(-cols // 2)  # SAME padding, stride 2.
     total += 2.0 * rows * cols * 9 * in_channels * out_channels
+    total += extra * 2.0 * rows * cols * 9 * out_channels * out_channels  # Stride 1.
     in_channels = out_channels
   return total + 2.0 * rows * cols * in_channels * d
 

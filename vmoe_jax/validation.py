@@ -92,6 +92,11 @@ def _check_model(v, size) -> None:
       f"model.patch_size={patch} with model.stem='conv' must be a power of 2 (2, 4, 8, 16); "
       'change --config.model.patch_size or use --config.model.stem=patch.'
     )
+  if v['model.stem_extra_convs'] and v['model.stem'] != 'conv':
+    raise UserError(
+      f"model.stem_extra_convs={v['model.stem_extra_convs']} needs model.stem='conv' "
+      f'(got {v["model.stem"]!r}); add --config.model.stem=conv or drop the extra convolutions.'
+    )
 
 
 def image_side(v) -> int | None:

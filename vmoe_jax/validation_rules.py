@@ -177,6 +177,7 @@ RULES: dict[str, Rule] = {
   'model.patch_size': integer(ge=1, note='None: from model.variant', example=4),
   'model.classifier': choice(CLASSIFIERS),
   'model.stem': choice(vit.STEMS),
+  'model.stem_extra_convs': integer(ge=0, note="with model.stem='conv'"),
   'model.dropout': number(ge=0, lt=1),
   'model.attention_dropout': number(ge=0, lt=1),
   'model.dtype': choice(DTYPES),

@@ -56,6 +56,7 @@ def create_model(config, num_classes: int, mesh=None, moe: MoeSpec | None = None
     num_classes=num_classes,
     classifier=config.model.classifier,
     stem=config.model.stem,
+    stem_extra_convs=config.model.stem_extra_convs,
     dropout_rate=config.model.dropout,
     attention_dropout_rate=config.model.attention_dropout,
     dtype=jnp.dtype(dtype),

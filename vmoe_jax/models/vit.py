@@ -98,25 +98,77 @@ def conv_stem_channels(width: int, patch_size: int) -> tuple[int, ...]:
   return tuple(max(1, width // 2 ** (n - 1 - i)) for i in range(n))
 
 
+def conv3x3_patches(x: jax.Array, stride: int) -> jax.Array:
+  """(B, H, W, C) -> (B, ceil(H/s), ceil(W/s), 9C): the windows of a 3x3 'SAME' conv of stride s.
+
+  Padded as `lax.conv` pads 'SAME' (an odd pixel goes to the bottom/right)
+  and ordered (row, column, channel) like a (3, 3, C, O) kernel, so that
+  `conv3x3_patches(x, s) @ kernel.reshape(9 * C, O)` is that convolution.
+  """
+  _, h, w, _ = x.shape
+  out_h, out_w = -(-h // stride), -(-w // stride)
+  pad_h = max((out_h - 1) * stride + 3 - h, 0)
+  pad_w = max((out_w - 1) * stride + 3 - w, 0)
+  x = jnp.pad(
+    x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))
+  )
+  last_h, last_w = (out_h - 1) * stride + 1, (out_w - 1) * stride + 1
+  windows = [
+    x[:, i : i + last_h : stride, j : j + last_w : stride, :] for i in range(3) for j in range(3)
+  ]
+  return jnp.concatenate(windows, axis=-1)
+
+
+class Conv3x3(nn.Module):
+  """A 3x3 'SAME' convolution computed as one matmul over `conv3x3_patches`.
+
+  Its parameters are `nn.Conv`'s (kernel (3, 3, C, O), lecun-normal; bias
+  zeros), and so is its output. On the 2-core CPU, a Fashion-MNIST train step
+  with the two stride-2 convolutions in this form took 607-622 ms against
+  663-675 ms with `nn.Conv` (interleaved, 8 steps each); with the stride-1
+  convolutions of `extra_convs` as well, whole runs took the same time.
+  """
+
+  features: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    kernel = self.param(
+      'kernel', nn.initializers.lecun_normal(), (3, 3, channels, self.features), jnp.float32
+    )
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    patches = conv3x3_patches(x.astype(self.dtype), self.stride)
+    kernel = kernel.reshape(9 * channels, self.features).astype(self.dtype)
+    return patches @ kernel + bias.astype(self.dtype)
+
+
 class ConvStem(nn.Module):
   """Convolutional stem: (B, H, W, C) -> (B, H/p, W/p, D), 3x3 stride-2 convs + a 1x1 conv.
 
   Each 3x3 convolution is followed by LayerNorm over channels and GELU (the
   paper uses BatchNorm and ReLU; LayerNorm keeps the model free of batch
   statistics, so that training and evaluation see the same function).
+  `extra_convs` stride-1 3x3 convolutions (same channels, LayerNorm, GELU)
+  follow each stride-2 one, as in a small CNN: more local feature
+  extraction at the higher resolutions, where it is cheap.
   """
 
   width: int
   patch_size: int
   dtype: Any = jnp.float32
+  extra_convs: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for i, channels in enumerate(conv_stem_channels(self.width, self.patch_size)):
-      x = nn.Conv(
-        channels, (3, 3), strides=(2, 2), padding='SAME', dtype=self.dtype, name=f'conv_{i}'
-      )(x)
+      x = Conv3x3(channels, stride=2, dtype=self.dtype, name=f'conv_{i}')(x)
       x = nn.gelu(nn.LayerNorm(dtype=self.dtype, name=f'norm_{i}')(x))
+      for k in range(self.extra_convs):
+        x = Conv3x3(channels, stride=1, dtype=self.dtype, name=f'conv_{i}_{k + 1}')(x)
+        x = nn.gelu(nn.LayerNorm(dtype=self.dtype, name=f'norm_{i}_{k + 1}')(x))
     return nn.Conv(self.width, (1, 1), dtype=self.dtype, name='projection')(x)
 
 
@@ -194,6 +246,7 @@ class ViT(nn.Module):
   mlp_dim: int
   classifier: str = 'token'
   stem: str = 'patch'  # 'patch' (one strided convolution) or 'conv' (`ConvStem`).
+  stem_extra_convs: int = 0  # `ConvStem.extra_convs`.
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   dtype: Any = jnp.float32
@@ -211,7 +264,9 @@ class ViT(nn.Module):
       raise UserError(f'model.classifier={self.classifier!r} is unknown; use one of {CLASSIFIERS}.')
     deterministic = not train
     if self.stem == 'conv':
-      x = ConvStem(self.width, self.patch_size, self.dtype, name='stem')(images.astype(self.dtype))
+      x = ConvStem(
+        self.width, self.patch_size, self.dtype, extra_convs=self.stem_extra_convs, name='stem'
+      )(images.astype(self.dtype))
     elif self.stem == 'patch':
       x = nn.Conv(
         self.width,
