@@ -9,6 +9,9 @@ without and evaluated with Batch Prioritized Routing. Equal active FLOPs:
 each expert is HALF as wide as the dense MLP (256), so the two experts a
 token visits cost what the dense MLP costs.
 
+Measured with the current recipe (2 CPU cores, seed 0): 89.52% test accuracy
+(dense: 89.42%), BPR at C=1.05, 8.2% of the test assignments dropped, 1.87M
+parameters; its times are not comparable (it shared the machine with CI).
 Measured with the previous fashion_vit recipe (1,200 steps of batch 128, no
 extra stem convolutions; not yet re-run with the current one), 2 CPU cores,
 seed 0: 87.13% test accuracy (dense: 86.24%), evaluated with BPR at
