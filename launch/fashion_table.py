@@ -53,6 +53,10 @@ import sweep  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-pos
 MAIN = {
   'dense ViT': ('configs/fashion_vit.py', []),
   'Switch-ViT (top-1)': ('configs/fashion_switch.py', []),
+  'Switch-ViT (top-1, MoE in blocks 1, 3)': (
+    'configs/fashion_switch.py',
+    ['--config.model.moe.layers=1,3'],
+  ),
   'V-MoE (top-2, BPR at eval)': ('configs/fashion_vmoe.py', []),
 }
 ROUTERS = {
