@@ -45,12 +45,7 @@ def mlp_kinds(params: Any) -> dict[int, str]:
 def zero_mlp_outputs(params: Any, blocks: Sequence[int]) -> Any:
   """A copy of `params` with the MLP output of `blocks` set to zero (the rest shared)."""
   kinds = mlp_kinds(params)
-  unknown = sorted(set(blocks) - set(kinds))
-  if unknown:
-    raise UserError(
-      f'--blocks names block(s) {unknown}, but the model has blocks {sorted(kinds)}; '
-      'pass indices from 0 to depth - 1.'
-    )
+  check_blocks(blocks, kinds)
   params = dict(params)
   for b in blocks:
     kind = kinds[b]
@@ -67,6 +62,15 @@ def zero_mlp_outputs(params: Any, blocks: Sequence[int]) -> Any:
     block[kind] = module
     params[f'block_{b:02d}'] = block
   return params
+
+
+def check_blocks(blocks: Sequence[int], kinds: dict[int, str]) -> None:
+  unknown = sorted(set(blocks) - set(kinds))
+  if unknown:
+    raise UserError(
+      f'--blocks names block(s) {unknown}, but the model has blocks {sorted(kinds)}; '
+      'pass indices from 0 to depth - 1.'
+    )
 
 
 def default_block_sets(kinds: dict[int, str]) -> list[tuple[int, ...]]:
@@ -126,7 +130,7 @@ def run(
   kinds = mlp_kinds(trained.params)
   sets = [tuple(s) for s in (block_sets or default_block_sets(kinds))]
   for s in sets:
-    zero_mlp_outputs(trained.params, s)  # Bad indices fail before any evaluation.
+    check_blocks(s, kinds)  # Bad indices fail before any evaluation.
   dataset = input_pipeline.create_dataset(trained.config)
   rows = []
   for s in sets:
