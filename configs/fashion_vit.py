@@ -29,7 +29,7 @@ def get_config(arg=None):
 
   config.model.patch_size = 4
   config.model.stem = 'conv'
-  config.model.stem_extra_convs = 1
+  config.model.stem_extra_convs = '1'
   config.model.width = 128
   config.model.depth = 4
   config.model.num_heads = 4

@@ -103,7 +103,10 @@ def test_run_writes_the_table_and_its_none_row_is_the_training_eval(
 
 
 def test_cli_prints_the_table(trained_workdir, tmp_path, capsys):
-  assert ablate.main([f'--workdir={trained_workdir[0]}', '--blocks=none;1', f'--output_dir={tmp_path}']) == 0
+  assert (
+    ablate.main([f'--workdir={trained_workdir[0]}', '--blocks=none;1', f'--output_dir={tmp_path}'])
+    == 0
+  )
   out = capsys.readouterr().out
   assert '| none |' in out and '| 1 (MoE) |' in out
   assert os.path.exists(tmp_path / 'ablation.md')
@@ -115,7 +118,9 @@ def test_errors(trained_workdir, trained, tmp_path, capsys):
   with pytest.raises(UserError, match="'x' is not a list of block indices"):
     ablation.parse_block_sets('0;x')
   assert ablation.parse_block_sets('none;0;1,3') == [(), (0,), (1, 3)]
-  assert ablate.main([f'--workdir={trained_workdir[0]}', '--blocks=7', f'--output_dir={tmp_path}']) == 2
+  assert (
+    ablate.main([f'--workdir={trained_workdir[0]}', '--blocks=7', f'--output_dir={tmp_path}']) == 2
+  )
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('error: --blocks names block(s) [7]')
   assert not os.path.exists(tmp_path / 'ablation.md')

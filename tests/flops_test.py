@@ -58,6 +58,9 @@ def test_conv_stem_flops_by_hand():
   # One stride-1 3x3 conv after each: 4 -> 4 channels at 14x14, 8 -> 8 at 7x7.
   extra = flops.forward_flops(model.clone(stem_extra_convs=1), (28, 28, 1))['embedding']
   assert extra - f['embedding'] == 2 * (14 * 14 * 9 * 4 * 4 + 7 * 7 * 9 * 8 * 8)
+  # Two at 7x7 only ('0,2').
+  last = flops.forward_flops(model.clone(stem_extra_convs='0,2'), (28, 28, 1))['embedding']
+  assert last - f['embedding'] == 2 * 2 * (7 * 7 * 9 * 8 * 8)
 
 
 def test_map_head_flops_by_hand():

@@ -315,10 +315,16 @@ BATTERY = [
   ),
   (
     'digits_switch.py',
-    {'model.stem_extra_convs': 1},
+    {'model.stem_extra_convs': '1'},
     "model.stem_extra_convs=1 needs model.stem='conv' (got 'patch'); add --config.model.stem=conv",
   ),
-  ('fashion_vit.py', {'model.stem_extra_convs': -1}, 'model.stem_extra_convs=-1 must be'),
+  ('fashion_vit.py', {'model.stem_extra_convs': '-1'}, "model.stem_extra_convs='-1' must be"),
+  (
+    'fashion_vit.py',
+    {'model.stem_extra_convs': '0,1,2'},
+    "model.stem_extra_convs='0,1,2' must be one count of stride-1 convolutions for every stage "
+    "(e.g. 1) or one per stride-2 convolution (2 here, e.g. '0,2').",
+  ),
   (
     'digits_switch.py',
     {'model.patch_size': None, 'model.variant': 'S/16'},
@@ -326,7 +332,7 @@ BATTERY = [
   ),
   (
     'fashion_vit.py',
-    {'model.stem': 'patch', 'model.stem_extra_convs': 0, 'model.patch_size': 32},
+    {'model.stem': 'patch', 'model.stem_extra_convs': '0', 'model.patch_size': 32},
     'model.patch_size=32 is '
     'larger than the 28x28 images of fashion_mnist; use a patch size of at most 28, e.g. '
     '--config.model.patch_size=4.',

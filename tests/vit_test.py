@@ -194,6 +194,22 @@ def test_conv_stem_tokens_and_errors():
   assert extra['stem']['conv_0_1']['kernel'].shape == (3, 3, 8, 8)  # Stride 1 at 14x14.
   assert extra['stem']['conv_1_1']['kernel'].shape == (3, 3, 16, 16)  # Stride 1 at 7x7.
   assert extra['pos_embedding'].shape == (1, 49, 16)
+  # One count per stage: none at 14x14, two at 7x7; a string is the config's form of it.
+  last = model.clone(stem_extra_convs=(0, 2)).init(jax.random.key(0), images, train=False)
+  assert sorted(k for k in last['params']['stem'] if k.startswith('conv')) == [
+    'conv_0',
+    'conv_1',
+    'conv_1_1',
+    'conv_1_2',
+  ]
+  assert last['params']['stem']['conv_1_2']['kernel'].shape == (3, 3, 16, 16)
+  as_string = model.clone(stem_extra_convs='0,2')
+  np.testing.assert_array_equal(
+    as_string.apply(last, images, train=False)[0],
+    model.clone(stem_extra_convs=(0, 2)).apply(last, images, train=False)[0],
+  )
+  with pytest.raises(UserError, match=r"model.stem_extra_convs='1,1,1' must be .* \(2 here"):
+    model.clone(stem_extra_convs='1,1,1').init(jax.random.key(0), images, train=False)
   with pytest.raises(UserError, match='power of 2'):
     model.clone(patch_size=7).init(jax.random.key(0), images, train=False)
   with pytest.raises(UserError, match="model.stem='convv' is unknown"):

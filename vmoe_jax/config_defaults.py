@@ -39,8 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Patch embedding: 'patch' (one patch_size x patch_size convolution, ViT) or
   # 'conv' (3x3 stride-2 convolutions, Xiao et al. 2021; patch_size a power of 2).
   config.model.stem = 'patch'
-  # With stem='conv': stride-1 3x3 convolutions after each stride-2 one.
-  config.model.stem_extra_convs = 0
+  # With stem='conv': stride-1 3x3 convolutions after each stride-2 one, one
+  # count for all ('1') or one per stride-2 convolution ('0,2': two at the last).
+  config.model.stem_extra_convs = '0'
   config.model.dropout = 0.0
   config.model.attention_dropout = 0.0
   config.model.dtype = 'float32'  # Compute dtype; 'bfloat16' on GPU/TPU.

@@ -112,8 +112,11 @@ def _embedding_flops(model, height: int, width_px: int, channels: int) -> float:
   from vmoe_jax.models import vit  # pylint: disable=g-import-not-at-top
 
   total, rows, cols, in_channels = 0.0, height, width_px, channels
-  extra = getattr(model, 'stem_extra_convs', 0)
-  for out_channels in vit.conv_stem_channels(d, p):
+  stages = vit.conv_stem_channels(d, p)
+  extra_per_stage = vit.stem_extra_convs_per_stage(
+    getattr(model, 'stem_extra_convs', 0), len(stages)
+  )
+  for out_channels, extra in zip(stages, extra_per_stage):
     rows, cols = -(-rows // 2), -(-cols // 2)  # SAME padding, stride 2.
     total += 2.0 * rows * cols * 9 * in_channels * out_channels
     total += extra * 2.0 * rows * cols * 9 * out_channels * out_channels  # Stride 1.

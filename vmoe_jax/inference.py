@@ -98,6 +98,8 @@ def _merge(config: ml_collections.ConfigDict, saved: dict) -> None:
     if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
       _merge(config[key], value)
     else:
+      if isinstance(config.get(key), str) and type(value) is int:  # pylint: disable=unidiomatic-typecheck
+        value = str(value)  # Saved before the key became a string (model.stem_extra_convs).
       config[key] = tuple(value) if isinstance(value, list) else value
 
 

@@ -92,7 +92,10 @@ def _check_model(v, size) -> None:
       f"model.patch_size={patch} with model.stem='conv' must be a power of 2 (2, 4, 8, 16); "
       'change --config.model.patch_size or use --config.model.stem=patch.'
     )
-  if v['model.stem_extra_convs'] and v['model.stem'] != 'conv':
+  extra_convs = v['model.stem_extra_convs'].replace(' ', '')
+  if v['model.stem'] == 'conv':
+    vit.stem_extra_convs_per_stage(extra_convs, len(vit.conv_stem_channels(size['width'], patch)))
+  elif any(int(c) for c in extra_convs.split(',')):
     raise UserError(
       f"model.stem_extra_convs={v['model.stem_extra_convs']} needs model.stem='conv' "
       f'(got {v["model.stem"]!r}); add --config.model.stem=conv or drop the extra convolutions.'

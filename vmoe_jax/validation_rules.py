@@ -177,7 +177,12 @@ RULES: dict[str, Rule] = {
   'model.patch_size': integer(ge=1, note='None: from model.variant', example=4),
   'model.classifier': choice(CLASSIFIERS),
   'model.stem': choice(vit.STEMS),
-  'model.stem_extra_convs': integer(ge=0, note="with model.stem='conv'"),
+  'model.stem_extra_convs': Rule(
+    lambda v: isinstance(v, str) and re.fullmatch(r'\d+(,\d+)*', v.replace(' ', '')) is not None,
+    "a count of stride-1 convolutions for every stage such as '1', or one per stage such as '0,2'",
+    "with model.stem='conv'",
+    '1',
+  ),
   'model.dropout': number(ge=0, lt=1),
   'model.attention_dropout': number(ge=0, lt=1),
   'model.dtype': choice(DTYPES),

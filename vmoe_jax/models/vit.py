@@ -98,6 +98,33 @@ def conv_stem_channels(width: int, patch_size: int) -> tuple[int, ...]:
   return tuple(max(1, width // 2 ** (n - 1 - i)) for i in range(n))
 
 
+def stem_extra_convs_per_stage(extra_convs, num_stages: int) -> tuple[int, ...]:
+  """The stride-1 convolutions after each stride-2 one: `extra_convs` as a tuple of `num_stages`.
+
+  `extra_convs` is one count for every stage (an int, or a string such as
+  '1'), or one per stage, first (highest resolution) to last: a tuple, or a
+  comma-separated string such as '0,2'.
+  """
+  if isinstance(extra_convs, str):
+    try:
+      counts = tuple(int(c) for c in extra_convs.split(','))
+    except ValueError:
+      counts = ()
+  elif isinstance(extra_convs, int):
+    counts = (extra_convs,)
+  else:
+    counts = tuple(extra_convs)
+  if len(counts) == 1:
+    counts = counts * num_stages
+  if len(counts) != num_stages or any(c < 0 for c in counts):
+    raise UserError(
+      f'model.stem_extra_convs={extra_convs!r} must be one count of stride-1 convolutions for '
+      f'every stage (e.g. 1) or one per stride-2 convolution ({num_stages} here, e.g. '
+      f'{",".join(["0"] * (num_stages - 1) + ["2"])!r}).'
+    )
+  return counts
+
+
 def conv3x3_patches(x: jax.Array, stride: int) -> jax.Array:
   """(B, H, W, C) -> (B, ceil(H/s), ceil(W/s), 9C): the windows of a 3x3 'SAME' conv of stride s.
 
@@ -153,20 +180,25 @@ class ConvStem(nn.Module):
   statistics, so that training and evaluation see the same function).
   `extra_convs` stride-1 3x3 convolutions (same channels, LayerNorm, GELU)
   follow each stride-2 one, as in a small CNN: more local feature
-  extraction at the higher resolutions, where it is cheap.
+  extraction before the tokens are formed. One count for every stage, or
+  one per stage (`stem_extra_convs_per_stage`): on a CPU a convolution at the
+  last, coarsest stage costs far less time than one at the first, although
+  they may have the same FLOPs.
   """
 
   width: int
   patch_size: int
   dtype: Any = jnp.float32
-  extra_convs: int = 0
+  extra_convs: int | str | tuple[int, ...] = 0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    for i, channels in enumerate(conv_stem_channels(self.width, self.patch_size)):
+    stages = conv_stem_channels(self.width, self.patch_size)
+    extra = stem_extra_convs_per_stage(self.extra_convs, len(stages))
+    for i, channels in enumerate(stages):
       x = Conv3x3(channels, stride=2, dtype=self.dtype, name=f'conv_{i}')(x)
       x = nn.gelu(nn.LayerNorm(dtype=self.dtype, name=f'norm_{i}')(x))
-      for k in range(self.extra_convs):
+      for k in range(extra[i]):
         x = Conv3x3(channels, stride=1, dtype=self.dtype, name=f'conv_{i}_{k + 1}')(x)
         x = nn.gelu(nn.LayerNorm(dtype=self.dtype, name=f'norm_{i}_{k + 1}')(x))
     return nn.Conv(self.width, (1, 1), dtype=self.dtype, name='projection')(x)
@@ -246,7 +278,7 @@ class ViT(nn.Module):
   mlp_dim: int
   classifier: str = 'token'
   stem: str = 'patch'  # 'patch' (one strided convolution) or 'conv' (`ConvStem`).
-  stem_extra_convs: int = 0  # `ConvStem.extra_convs`.
+  stem_extra_convs: int | str | tuple[int, ...] = 0  # `ConvStem.extra_convs`.
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   dtype: Any = jnp.float32

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -125,7 +126,7 @@ def run(
   output_dir: str | None = None,
   log=print,
 ) -> dict:
-  """Evaluates every set of `block_sets` (default `default_block_sets`); writes ablation.{json,md}."""
+  """Evaluates every set of `block_sets` (default `default_block_sets`); writes ablation.json/md."""
   trained = inference.load(workdir, step=step)
   kinds = mlp_kinds(trained.params)
   sets = [tuple(s) for s in (block_sets or default_block_sets(kinds))]
