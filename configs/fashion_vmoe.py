@@ -9,16 +9,17 @@ without and evaluated with Batch Prioritized Routing. Equal active FLOPs:
 each expert is HALF as wide as the dense MLP (256), so the two experts a
 token visits cost what the dense MLP costs.
 
-Measured with the current recipe (2 CPU cores, seed 0): 89.52% test accuracy
-(dense: 89.42%), BPR at C=1.05, 8.2% of the test assignments dropped, 1.87M
-parameters; its times are not comparable (it shared the machine with CI).
-Measured with the previous fashion_vit recipe (1,200 steps of batch 128, no
-extra stem convolutions; not yet re-run with the current one), 2 CPU cores,
-seed 0: 87.13% test accuracy (dense: 86.24%), evaluated with BPR at
-C=1.05; 7.9% of the test assignments dropped; 1.69M parameters, 0.0912
-GFLOPs/image. Its 25.3 min of training (92 images/s) were measured while
-the test suite shared the machine, so they are not comparable with the
-dense run's 12.6 min.
+Not yet re-run with the current fashion_vit recipe (3,000 steps, two stem
+convolutions at 7x7). Measured with the one before it (2,600 steps, one
+stride-1 stem convolution at each resolution; 2 CPU cores, seed 0): 89.52%
+test accuracy (dense: 89.42%), BPR at C=1.05, 8.2% of the test assignments
+dropped, 1.87M parameters; its times are not comparable (it shared the
+machine with CI). With the recipe before that (1,200 steps of batch 128, no
+extra stem convolutions), 2 CPU cores, seed 0: 87.13% test accuracy (dense:
+86.24%), evaluated with BPR at C=1.05; 7.9% of the test assignments dropped;
+1.69M parameters, 0.0912 GFLOPs/image. Its 25.3 min of training (92
+images/s) were measured while the test suite shared the machine, so they are
+not comparable with the dense run's 12.6 min.
 """
 
 from vmoe_jax import config_defaults
