@@ -356,3 +356,38 @@ def test_a_group_of_padding_only_gives_finite_outputs(case):
   y, metrics = mlp.apply(variables, x, deterministic=True, mask=mask)
   assert np.all(np.isfinite(y))
   assert all(np.all(np.isfinite(v)) for v in metrics.values())
+
+
+@pytest.mark.parametrize('router,k', [('topk', 1), ('topk', 2), ('dropless', 1)])
+def test_combine_scale_gives_a_uniform_router_the_dense_mlp_weight(router, k):
+  """Zero router (gates 1/E), E identical experts: the output is k/E times one expert's.
+
+  With combine_scale = E/k it is exactly the output of that expert alone (the
+  E=1 layer, whose only gate is 1): the dense MLP the layer replaces.
+  """
+  x = jax.random.normal(jax.random.key(11), (2, 8, 16))
+  common = dict(layers=(0,), mlp_dim=12, router=router, group_size=0, capacity_factor=8.0)
+  common.update(eval_capacity_factor=8.0)  # No drops: capacity holds every assignment.
+  one = layer.MoeMlp(MoeSpec(num_experts=1, num_selected=1, **common))
+  one_params = unboxed_init(one, x)
+  y_one, _ = one.apply({'params': one_params}, x, deterministic=True)
+
+  def layer_output(scale):
+    mlp = layer.MoeMlp(MoeSpec(num_experts=8, num_selected=k, combine_scale=scale, **common))
+    params = unboxed_init(mlp, x)
+    params = {
+      name: (jnp.zeros_like(p) if name == 'router' else jnp.repeat(one_params[name], 8, axis=0))
+      for name, p in params.items()
+    }
+    y, metrics = mlp.apply({'params': params}, x, deterministic=True)
+    assert float(metrics['dropped']) == 0
+    np.testing.assert_allclose(metrics['top1_gate'], 1 / 8, rtol=1e-6)
+    return y
+
+  np.testing.assert_allclose(layer_output(1.0), y_one * k / 8, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(layer_output(8 / k), y_one, rtol=1e-5, atol=1e-6)
+
+
+def test_combine_scale_must_be_positive():
+  with pytest.raises(UserError, match=r'model.moe.combine_scale=0.0 must be > 0'):
+    make_spec(combine_scale=0.0)

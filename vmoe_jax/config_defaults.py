@@ -62,6 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
   # BPR at evaluation; None: the same as batch_priority.
   config.model.moe.eval_batch_priority = config_dict.placeholder(bool)
   config.model.moe.renormalize = False  # Divide the K combine weights by their sum.
+  # Multiply the MoE output (every combine weight) by this; num_experts /
+  # num_selected gives a uniform router's tokens the dense MLP's weight 1.
+  config.model.moe.combine_scale = 1.0
   config.model.moe.noise_std = 0.0  # Router noise std, in units of 1/num_experts.
   # Images per routing group (8 as in the V-MoE paper configs); 0: all images of
   # a device, so the routing then depends on the batch size and device count.

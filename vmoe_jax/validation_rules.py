@@ -199,6 +199,7 @@ RULES: dict[str, Rule] = {
   'model.moe.batch_priority': boolean(),
   'model.moe.eval_batch_priority': boolean('None: as model.moe.batch_priority', True),
   'model.moe.renormalize': boolean(),
+  'model.moe.combine_scale': number(gt=0, note='num_experts / num_selected: uniform gates weigh 1'),
   'model.moe.noise_std': number(ge=0, note='in units of 1/num_experts'),
   'model.moe.group_size': integer(ge=0, note='images per routing group; 0: all of a device'),
   'model.moe.dispatch': choice(DISPATCHES),

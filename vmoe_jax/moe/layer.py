@@ -180,7 +180,10 @@ def moe_forward(x, mask, params, noise, dropout_key, *, spec: MoeSpec, train: bo
     y = run_buffers(
       xg, plan, expert_params, dropout_key, spec=spec, dtype=x.dtype, num_shards=num_shards
     )
-  y = y.reshape(batch, tokens, width).astype(x.dtype)
+  y = y.reshape(batch, tokens, width)
+  if spec.combine_scale != 1.0:  # Linear in the combine weights: the same as scaling each.
+    y = y * jnp.asarray(spec.combine_scale, y.dtype)
+  y = y.astype(x.dtype)
   if mesh_axes:
     metrics = jax.lax.pmean(metrics, BATCH_AXES)
   per_token = routing_lib.Routing(*(a.reshape(batch, tokens, -1) for a in view))

@@ -46,6 +46,10 @@ class MoeSpec:
     capacity_multiple: round every capacity up to a multiple of this.
     batch_priority, eval_batch_priority: Batch Prioritized Routing.
     renormalize: divide the K combine weights by their sum.
+    combine_scale: multiply the layer's output (every combine weight) by this;
+      num_experts / num_selected makes a uniform top-k router's weights 1,
+      the weight of the dense MLP a layer replaces (cf. DeepSeek-V2's routed
+      scaling factor). 1.0: the Switch / V-MoE combine.
     noise_std: router noise std in units of 1/E (the noise std is noise_std / E).
     group_size: images per routing group; 0: all images of a device (then
       routing depends on the number of devices).
@@ -68,6 +72,7 @@ class MoeSpec:
   batch_priority: bool = False
   eval_batch_priority: bool = False
   renormalize: bool = False
+  combine_scale: float = 1.0
   noise_std: float = 0.0
   group_size: int = 8
   dispatch: str = 'indices'
@@ -99,6 +104,8 @@ class MoeSpec:
       bad('capacity_multiple', self.capacity_multiple, 'must be >= 1.')
     if self.group_size < 0:
       bad('group_size', self.group_size, 'must be >= 0 images (0: all images of a device).')
+    if not self.combine_scale > 0:
+      bad('combine_scale', self.combine_scale, 'must be > 0 (1.0: the Switch / V-MoE combine).')
     if self.noise_std < 0:
       bad('noise_std', self.noise_std, 'must be >= 0.')
     if not 0 <= self.dropout < 1:
@@ -162,6 +169,7 @@ class MoeSpec:
       batch_priority=bool(moe.batch_priority),
       eval_batch_priority=bool(moe.batch_priority if eval_bpr is None else eval_bpr),
       renormalize=bool(moe.renormalize),
+      combine_scale=float(moe.get('combine_scale', 1.0)),
       noise_std=float(moe.noise_std),
       group_size=int(moe.group_size),
       dispatch=moe.dispatch,
