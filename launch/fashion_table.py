@@ -70,10 +70,20 @@ ROUTERS = {
     'configs/fashion_switch.py',
     ['--config.model.moe.num_selected=2', '--config.model.moe.mlp_dim=HALF'],
   ),
-  'expert_choice': ('configs/fashion_switch.py', ['--config.model.moe.router=expert_choice']),
+  # Expert Choice and Soft MoE process capacity_factor x the group's tokens:
+  # at 1.0, E * C = S buffer rows (Expert Choice) and 8 x 6 = 48 slots for
+  # 49 tokens (Soft MoE, one image a group), the dense MLP's work.
+  'expert_choice': (
+    'configs/fashion_switch.py',
+    ['--config.model.moe.router=expert_choice', '--config.model.moe.capacity_factor=1.0'],
+  ),
   'soft': (
     'configs/fashion_switch.py',
-    ['--config.model.moe.router=soft', '--config.model.moe.group_size=1'],
+    [
+      '--config.model.moe.router=soft',
+      '--config.model.moe.group_size=1',
+      '--config.model.moe.capacity_factor=1.0',
+    ],
   ),
   'image_topk': ('configs/fashion_switch.py', ['--config.model.moe.router=image_topk']),
   'dropless': ('configs/fashion_switch.py', ['--config.model.moe.router=dropless']),
