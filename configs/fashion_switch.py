@@ -26,6 +26,12 @@ of the test assignments dropped; 3.03M parameters, 0.1201 GFLOPs/image.
 With the recipe before (2,600 steps, one stride-1 stem convolution at each
 resolution): 90.00% / 88.94% (seeds 0 / 1; dense 89.42% / 89.48%), and with
 `--config.model.moe.layers=1,3` 89.78% / 89.67%.
+
+Soft MoE at the same FLOPs (+2.6%): `--config.model.moe.router=soft
+--config.model.moe.group_size=1 --config.model.moe.capacity_factor=1.0`
+(8 experts x 6 slots for 49 tokens), 5,600 steps, stop 32's machine:
+91.86% / 92.05% / 91.57% (seeds 0 / 1 / 2; +0.10 +- 0.19 over the dense
+ViT's seeds), 1.07x the dense step when run side by side.
 """
 
 from vmoe_jax import config_defaults
