@@ -126,3 +126,36 @@ def test_errors(trained_workdir, trained, tmp_path, capsys):
   assert not os.path.exists(tmp_path / 'ablation.md')
   assert ablate.main([f'--workdir={tmp_path / "missing"}', f'--output_dir={tmp_path}']) == 2
   assert capsys.readouterr().err.startswith('error: ')
+
+
+def test_split_evaluates_train_images_and_keeps_the_test_table(trained_workdir, trained, tmp_path):
+  workdir, _ = trained_workdir
+  (tmp_path / 'ablation.json').write_text('{"kept": true}')  # A test-split table from before.
+  report = ablation.run(
+    workdir, [()], output_dir=str(tmp_path), log=lambda _: None, split='train[:100]'
+  )
+  assert report['test_split'] == 'train[:100]' and report['test_images'] == 100
+  assert report['files'] == ['ablation_train_100.json', 'ablation_train_100.md']
+  assert json.loads((tmp_path / 'ablation.json').read_text()) == {'kept': True}
+  assert '| train[:100] accuracy |' in (tmp_path / 'ablation_train_100.md').read_text()
+  # Independently: the first 100 training images through the inference API.
+  config = inference.run_config(workdir)
+  config.input.test_split = 'train[:100]'
+  dataset = input_pipeline.create_dataset(config)
+  images, labels = [], []
+  for batch in dataset.eval_batches():
+    keep = np.asarray(batch['mask']) > 0
+    images.append(np.asarray(batch['image'], np.float32)[keep])
+    labels.append(np.asarray(batch['label'])[keep])
+  logits, _ = trained.apply(np.concatenate(images), batch_size=config.input.eval_batch_size)
+  expected = float(np.mean(np.argmax(logits, -1) == np.concatenate(labels)))
+  assert 0 < expected < 1
+  assert report['rows'][0]['accuracy'] == pytest.approx(expected, abs=1e-9)
+
+
+def test_bad_split_is_one_line(trained_workdir, tmp_path, capsys):
+  args = [f'--workdir={trained_workdir[0]}', '--blocks=none', f'--output_dir={tmp_path}']
+  assert ablate.main([*args, '--split=train[5000:9000]']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "split 'train[5000:9000]' selects no examples" in err[0]
+  assert not list(tmp_path.iterdir())
