@@ -21,7 +21,9 @@ of the first seed before the next seed. Then:
   * for the rows with capacity routing, the V-MoE evaluation sweep of every
     seed (`python -m vmoe_jax.evaluate`, C in --capacity_factors, vanilla and
     BPR) into WORKDIR/capacity.md, capacity.json and accuracy_vs_compute.png
-    (mean over the seeds, the spread as error bars).
+    (mean over the seeds, the spread as error bars). The BPR margin is paired:
+    each run's BPR accuracy minus its own vanilla accuracy, mean +- std over
+    the runs, and on how many runs BPR was ahead.
 
 Tables (`TABLES`): 'main' is the dense ViT, the Switch-ViT and the V-MoE at
 equal active FLOPs (configs/fashion_*.py); 'routers' adds every router of
@@ -337,23 +339,36 @@ def capacity_table(sweeps: list[dict]) -> tuple[str, dict]:
     key = (s['name'], s['capacity_factor'], bool(s['batch_priority']))
     grouped.setdefault(key, []).append(s)
   lines = [
-    '| model | C | vanilla | BPR | BPR - vanilla | kept share |',
-    '| --- | ---: | ---: | ---: | ---: | ---: |',
+    '| model | C | vanilla | BPR | BPR - vanilla (paired) | BPR ahead | kept share |',
+    '| --- | ---: | ---: | ---: | ---: | ---: | ---: |',
   ]
   for name in dict.fromkeys(k[0] for k in grouped):
     for c in sorted({k[1] for k in grouped if k[0] == name}):
       vanilla = grouped.get((name, c, False), [])
       bpr = grouped.get((name, c, True), [])
       kept = _mean_std([s['kept_share'] for s in bpr or vanilla])[0]
-      gap = '-'
-      if vanilla and bpr:
-        means = [_mean_std([s['accuracy'] for s in side])[0] for side in (bpr, vanilla)]
-        gap = f'{100 * (means[0] - means[1]):+.2f}'
+      gap, ahead = '-', '-'
+      diffs = paired_differences(vanilla, bpr)
+      if diffs:
+        mean, std = _mean_std(diffs)
+        gap = f'{100 * mean:+.2f}' + (f' ± {100 * std:.2f}' if len(diffs) > 1 else '')
+        ahead = f'{sum(d > 0 for d in diffs)}/{len(diffs)}'
       lines.append(
         f'| {name} | {c:g} | {_accuracy_cell(vanilla)} | {_accuracy_cell(bpr)} | {gap} | '
-        f'{100 * kept:.1f}% |'
+        f'{ahead} | {100 * kept:.1f}% |'
       )
   return '\n'.join(lines) + '\n', grouped
+
+
+def paired_differences(vanilla: list[dict], bpr: list[dict]) -> list[float]:
+  """BPR minus vanilla accuracy of each trained run (workdir) evaluated both ways.
+
+  Pairing by run takes out what differs between seeds' models, so the spread
+  of these differences is the seed-to-seed spread of the BPR margin itself
+  (the columns' spreads also hold how good each seed's model is).
+  """
+  by_run = {s['workdir']: s['accuracy'] for s in vanilla}
+  return [s['accuracy'] - by_run[s['workdir']] for s in bpr if s['workdir'] in by_run]
 
 
 def _accuracy_cell(settings: list[dict]) -> str:
@@ -449,7 +464,10 @@ def main(argv) -> int:
   sweeps = capacity_sweeps(table, args.capacity_factors, root)
   if sweeps:
     capacity_text, grouped = capacity_table(sweeps)
-    text += '\nEvaluation capacity sweep (mean ± std over the seeds):\n\n' + capacity_text
+    text += (
+      '\nEvaluation capacity sweep (mean ± std over the seeds; the margin paired by run):\n\n'
+      + capacity_text
+    )
     with open(os.path.join(root, 'capacity.md'), 'w') as f:
       f.write(capacity_text)
     plot_capacity(grouped, os.path.join(root, 'accuracy_vs_compute.png'))

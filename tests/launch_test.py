@@ -362,3 +362,46 @@ def test_sweep_runs_end_to_end(tmp_path):
     timeout=600,
   )
   assert again.returncode == 0 and again.stdout.count('done already') == 2
+
+
+# --------------------------------------------------------------------------- fashion_table
+
+
+def test_fashion_capacity_table_pairs_bpr_and_vanilla_by_run():
+  """The BPR margin is computed per trained run, then averaged.
+
+  Two seeds' runs, one much better than the other: at C=0.25 BPR gains 0.4
+  and 0.2 points, so the paired margin is +0.30 with a std of 0.14 (sqrt of
+  ((0.1)^2 + (0.1)^2) / 1), while the columns' stds are 1.41 and 1.56: the
+  model-to-model spread the pairing removes. At C=0.5 BPR loses on one run.
+  """
+  fashion_table = load('fashion_table')
+
+  def setting(workdir, c, bpr, accuracy):
+    return dict(
+      name='switch',
+      workdir=workdir,
+      capacity_factor=c,
+      batch_priority=bpr,
+      accuracy=accuracy,
+      kept_share=c / 2,
+      expert_flops_per_image=1e6 * c,
+    )
+
+  sweeps = [
+    setting('s0', 0.25, False, 0.870),
+    setting('s0', 0.25, True, 0.874),
+    setting('s1', 0.25, False, 0.850),
+    setting('s1', 0.25, True, 0.852),
+    setting('s0', 0.5, False, 0.880),
+    setting('s0', 0.5, True, 0.879),
+    setting('s1', 0.5, False, 0.860),
+    setting('s1', 0.5, True, 0.863),
+  ]
+  text, _ = fashion_table.capacity_table(list(reversed(sweeps)))
+  rows = {line.split(' | ')[1]: line for line in text.splitlines()[2:]}
+  assert '| 86.00 ± 1.41% | 86.30 ± 1.56% | +0.30 ± 0.14 | 2/2 |' in rows['0.25']
+  assert '| +0.10 ± 0.28 | 1/2 |' in rows['0.5']
+  # A run evaluated one way only has no pair and is left out of the margin.
+  text, _ = fashion_table.capacity_table(sweeps[:3])
+  assert '| +0.40 | 1/1 |' in text.splitlines()[2]
