@@ -13,7 +13,10 @@ MoE in blocks 1 and 3 loses 0.03 points when both are removed
 
 Measured with the current recipe (5,600 steps; stop 24's machine, each run
 alone): 92.09% / 91.59% test (seeds 0 / 1; dense 91.73% / 91.78%), 18.4 /
-18.0 min training (1.08x the dense run), 0.194 s a step. On stop 25's
+18.0 min training (1.08x the dense run), 0.194 s a step. Seed 2, alone on
+stop 38's AMD EPYC: 91.82% (dense 91.67%), 0.248 s a step, 23.3 min
+training, 24.0 min the command; three seeds 91.83 +- 0.25%, +0.11 +- 0.28
+paired against the dense ViT. On stop 25's
 machine (AMD EPYC, AVX2; the two seeds sharing it, 0.69 s a step each):
 91.56% / 91.76%; at evaluation C=0.1 (10% of the assignments kept)
 91.66% mean, vanilla and BPR alike, and the top-1 gate stays at 0.13
