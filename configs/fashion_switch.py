@@ -39,13 +39,14 @@ ViT's seeds), 1.07x the dense step when run side by side.
 
 from vmoe_jax import config_defaults
 
+ARGS = ('val', 'w16', 'w32', 'w64', 'w128')  # As configs/fashion_vit.py.
+
 
 def get_config(arg=None):
-  arg = config_defaults.config_arg(arg, ('val',), __file__)
+  config_defaults.config_args(arg, ARGS, __file__)
   config = config_defaults.sibling_config(__file__, 'fashion_vit.py', arg)
   config_defaults.apply_moe_preset(config, 'switch')
   moe = config.model.moe
   moe.num_experts = 8
   moe.layers = '0,2'  # Chosen on :val over blocks 1, 3 (docs/fashion_mnist.md).
-  moe.group_size = 8
   return config

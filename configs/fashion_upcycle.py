@@ -1,4 +1,4 @@
-r"""Sparse upcycling: a trained dense Fashion-MNIST ViT continued as a Switch-ViT.
+r"""Sparse upcycling: a trained dense Fashion-MNIST ViT continued as an MoE.
 
   # Upstream: python -m vmoe_jax.main --config=configs/fashion_vit.py --workdir=/tmp/fashion_vit
   python -m vmoe_jax.main --config=configs/fashion_upcycle.py --workdir=/tmp/upcycled \
@@ -7,12 +7,17 @@ r"""Sparse upcycling: a trained dense Fashion-MNIST ViT continued as a Switch-Vi
   python -m vmoe_jax.main --config=configs/fashion_upcycle.py:dense --workdir=/tmp/dense_more \
       --config.init_from=/tmp/fashion_vit
 
-configs/fashion_switch.py's model (8 experts of the dense MLP's width in
-blocks 1 and 3, top-1) with every expert a copy of its block's dense MLP
-(Komatsuzaki et al. 2022), a fresh router and 1% noise on the copies; then
-`num_steps` more steps at a lower learning rate (5e-4, 50 warmup steps,
-cosine), evaluated every 100 steps and at step 0 (what the transfer starts
-from). Measured figures: the README, "Transfer".
+The dense model with the MLPs of blocks 0 and 2 replaced by 8 experts, every
+expert an exact copy of its block's dense MLP (Komatsuzaki et al. 2023,
+"Sparse Upcycling") and a fresh router. The MoE starts as exactly the dense
+function: the router is dropless top-2 with renormalised combine weights
+(each token's two weights sum to 1, and no token is dropped for capacity),
+so at step 0 every token gets 1 x MLP(x), in training and in evaluation
+(`tests/transfer_test.py`). Top-1 would not do: its renormalised weight is
+always 1, so the task would never train the router. The MoE layers run two
+experts per token: twice the dense MLP's FLOPs there. Then `num_steps` more
+steps at a lower learning rate (5e-4, 50 warmup steps, cosine), evaluated
+every 100 steps and at step 0.
 """
 
 from vmoe_jax import config_defaults
@@ -20,10 +25,17 @@ from vmoe_jax import config_defaults
 
 def get_config(arg=None):
   arg = config_defaults.config_arg(arg, ('dense',), __file__)
-  name = 'fashion_vit.py' if arg == 'dense' else 'fashion_switch.py'
-  config = config_defaults.sibling_config(__file__, name)
+  config = config_defaults.sibling_config(__file__, 'fashion_vit.py')
   if arg != 'dense':
-    config.init.upcycle_noise_std = 0.01
+    config_defaults.apply_moe_preset(config, 'switch')
+    moe = config.model.moe
+    moe.num_experts = 8
+    moe.layers = '0,2'
+    moe.router = 'dropless'
+    moe.num_selected = 2
+    moe.renormalize = True
+    moe.block_size = 32
+    config.init.upcycle_noise_std = 0.0  # Exact copies: the dense function at step 0.
   config.optimizer.learning_rate = 5e-4
   config.schedule.warmup_steps = 50
   config.train.num_steps = 300

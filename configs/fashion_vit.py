@@ -2,6 +2,7 @@ r"""Dense ViT on Fashion-MNIST: the benchmark of these machines.
 
   python -m vmoe_jax.main --config=configs/fashion_vit.py --workdir=/tmp/fashion_vit
   python -m vmoe_jax.main --config=configs/fashion_vit.py:val ...   # tuning split
+  python -m vmoe_jax.main --config=configs/fashion_vit.py:w32,val ...   # width 32, tuning split
 
 Model: 28x28 grey images, a convolutional stem (Xiao et al. 2021: two 3x3
 stride-2 convolutions to 7x7 tokens, then two stride-1 3x3 convolutions at
@@ -29,18 +30,24 @@ stop 32's (an Intel Xeon with AVX-512, alone): seed 0 the same 91.73%,
 
 from vmoe_jax import config_defaults
 
+# ':wN' arguments: the model at width N (depth 4, MLP 4N, heads of width 32),
+# the recipe otherwise; ':w128' is the default model.
+WIDTHS = {'w16': 16, 'w32': 32, 'w64': 64, 'w128': 128}
+ARGS = ('val', *WIDTHS)
+
 
 def get_config(arg=None):
-  arg = config_defaults.config_arg(arg, ('val',), __file__)
+  args = config_defaults.config_args(arg, ARGS, __file__)
   config = config_defaults.get_config()
 
+  width = next((WIDTHS[a] for a in args if a in WIDTHS), 128)
   config.model.patch_size = 4
   config.model.stem = 'conv'
   config.model.stem_extra_convs = '0,2'  # Two stride-1 convolutions at 7x7 (docs/fashion_mnist.md).
-  config.model.width = 128
+  config.model.width = width
   config.model.depth = 4
-  config.model.num_heads = 4
-  config.model.mlp_dim = 512
+  config.model.num_heads = max(1, width // 32)
+  config.model.mlp_dim = 4 * width
   config.model.classifier = 'gap'
 
   config.input.dataset = 'fashion_mnist'
@@ -48,7 +55,7 @@ def get_config(arg=None):
   config.input.eval_batch_size = 512  # 10,000 test images in 20 padded batches.
   config.input.crop_padding = 0
   config.input.flip = False
-  if arg == 'val':
+  if 'val' in args:
     config.input.train_split = 'train[:54000]'
     config.input.test_split = 'train[54000:]'
 

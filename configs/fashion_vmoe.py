@@ -24,14 +24,15 @@ convolution at each resolution, seed 0): 89.52% (dense 89.42%).
 
 from vmoe_jax import config_defaults
 
+ARGS = ('val', 'w16', 'w32', 'w64', 'w128')  # As configs/fashion_vit.py.
+
 
 def get_config(arg=None):
-  arg = config_defaults.config_arg(arg, ('val',), __file__)
+  config_defaults.config_args(arg, ARGS, __file__)
   config = config_defaults.sibling_config(__file__, 'fashion_vit.py', arg)
   config_defaults.apply_moe_preset(config, 'vmoe')
   moe = config.model.moe
   moe.num_experts = 8
   moe.layers = 'every_2'
-  moe.group_size = 8
   moe.mlp_dim = config.model.mlp_dim // 2
   return config

@@ -113,6 +113,37 @@ def test_adamw_and_decoupled_weight_decay():
   np.testing.assert_allclose(new['body']['bias'], 1 - 0.1, rtol=1e-5)  # No decay on biases.
 
 
+def test_weight_decay_follows_the_schedule_shape_not_the_learning_rate():
+  """At lr(t) = peak / 4: decay (lr(t) / peak) * wd * p = 0.25 * 0.01, whatever the peak is.
+
+  big_vision / V-MoE would decay lr(t) * wd * p = 0.0025 * 0.01 at peak 0.01: their
+  `wd` is weight_decay / learning_rate here (the conversion in optim's docstring).
+  """
+  params = {'body': {'kernel': jnp.ones(())}}
+  zero = {'body': {'kernel': jnp.zeros(())}}
+  for peak in (1e-3, 1e-2):
+    config = make('sgd', lr=peak, beta1=0.0, wd=0.01)
+    tx = optim.create_optimizer(config, constant(peak / 4), params)
+    new, _ = run(tx, params, [zero])
+    np.testing.assert_allclose(new['body']['kernel'], 1 - 0.25 * 0.01, rtol=1e-6)
+
+
+def test_linear_routers_are_decayed_and_soft_moe_slots_are_not():
+  params = {
+    'block_00': {
+      'moe': {'router': jnp.ones((4, 2)), 'wi': jnp.ones((2, 4, 8)), 'bi': jnp.ones((2, 8))}
+    },
+    'block_01': {'moe': {'router': jnp.ones((4, 6)), 'router_scale': jnp.ones(())}},
+    'head': {'kernel': jnp.ones((4, 3))},
+  }
+  decay = optim.weight_decay_tree(params, 0.01, 0.5)
+  assert decay['block_00']['moe']['router'] == 0.01  # A top-k router, as V-MoE decays it.
+  assert decay['block_00']['moe']['wi'] == 0.01 and decay['block_00']['moe']['bi'] == 0.0
+  assert decay['block_01']['moe']['router'] == 0.0  # Soft MoE slots: only their direction counts.
+  assert decay['block_01']['moe']['router_scale'] == 0.0
+  assert decay['head']['kernel'] == 0.5
+
+
 def test_adafactor_clipping_scales_like_clipped_gradients():
   # Clipping inside the fused Adafactor equals clipping the gradients first.
   params = {'a': jnp.ones((130, 140)), 'b': jnp.ones((3,))}

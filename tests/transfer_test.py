@@ -517,3 +517,50 @@ def test_npz_errors(tmp_path):
     match=re.escape("unknown parameter 'Transformer/encoderblock_0/Attention/kernel', not a ViT"),
   ):
     npz_loader.load_big_vision(str(odd))
+
+
+def _config_file(name, arg=None):
+  import importlib.util
+  import pathlib
+
+  path = pathlib.Path(__file__).parent.parent / 'configs' / name
+  spec = importlib.util.spec_from_file_location(f'_config_{path.stem}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_the_upcycling_config_starts_as_the_dense_function(train):
+  """configs/fashion_upcycle.py: the upcycled MoE's logits are the dense ViT's at step 0.
+
+  Dropless top-2 with renormalised weights: every token gets w1 + w2 = 1 times
+  the dense MLP, in training (capacity plays no part) and in evaluation.
+  """
+  from vmoe_jax.models import factory
+
+  dense_config, moe_config = _config_file('fashion_vit.py'), _config_file('fashion_upcycle.py')
+  assert moe_config.init.upcycle_noise_std == 0.0
+  dense = factory.create_model(dense_config, num_classes=10)
+  sparse = factory.create_model(moe_config, num_classes=10)
+  assert sparse.moe.num_selected == 2 and sparse.moe.renormalize
+
+  def random_params(model, seed):
+    shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((8, 28, 28, 1)), train=False)['params']
+    )
+    rng = np.random.default_rng(seed)
+    leaves = nn.meta.unbox(shapes)
+    return jax.tree.map(lambda x: (rng.normal(size=x.shape) * 0.2).astype(x.dtype), leaves)
+
+  source = random_params(dense, 0)
+  params, _ = transfer.init_params(source, random_params(sparse, 1))
+  images = jax.random.normal(jax.random.key(7), (8, 28, 28, 1))
+  rngs = {'router': jax.random.key(1), 'dropout': jax.random.key(2)}
+
+  def forward(model, p):
+    return jax.jit(lambda p: model.apply({'params': p}, images, train=train, rngs=rngs)[0])(p)
+
+  expected = forward(dense, source)
+  assert np.asarray(expected).std() > 0.1
+  np.testing.assert_allclose(forward(sparse, params), expected, atol=1e-4, rtol=1e-5)

@@ -93,12 +93,20 @@ def test_a_sized_default_config_validates_and_the_defaults_say_what_is_missing()
 
 def test_none_only_for_placeholders():
   config = sized_config()
-  config.model.moe.update(dict(capacity_multiple=None, dropout=None, eval_batch_priority=None))
+  config.model.moe.update(
+    dict(
+      capacity_multiple=None,
+      dropout=None,
+      eval_batch_priority=None,
+      eval_capacity_factor=None,
+      group_size=None,
+    )
+  )
   validation.validate(config)
-  config.model.moe.eval_capacity_factor = None  # Not a placeholder.
+  config.model.moe.capacity_factor = None  # Not a placeholder.
   assert refused(config) == (
-    'model.moe.eval_capacity_factor=None must be a number > 0; pass e.g. '
-    '--config.model.moe.eval_capacity_factor=2.0.'
+    'model.moe.capacity_factor=None must be a number > 0; pass e.g. '
+    '--config.model.moe.capacity_factor=1.25.'
   )
 
 
@@ -187,8 +195,8 @@ BATTERY = [
   (
     'digits_switch.py',
     {'model.moe.eval_capacity_factor': 0},
-    'model.moe.eval_capacity_factor='
-    '0.0 must be a number > 0; pass e.g. --config.model.moe.eval_capacity_factor=2.0.',
+    'model.moe.eval_capacity_factor=0.0 must be None or a number > 0 (None: 2.0, or the '
+    'training factor for expert_choice); pass e.g. --config.model.moe.eval_capacity_factor=2.0.',
   ),
   (
     'digits_switch.py',
@@ -362,6 +370,21 @@ BATTERY = [
     'digits_switch.py',
     {'model.moe.slots_per_expert': 2},
     'model.moe.slots_per_expert=2 applies to the soft router only',
+  ),
+  (
+    'digits_switch.py',
+    {'model.moe.router': 'expert_choice', 'model.moe.num_selected': 2},
+    "model.moe.num_selected=2 does not apply to model.moe.router='expert_choice'",
+  ),
+  (
+    'digits_switch.py',
+    {'model.moe.router': 'soft', 'model.moe.num_selected': 2},
+    "model.moe.num_selected=2 does not apply to model.moe.router='soft'",
+  ),
+  (
+    'digits_switch.py',
+    {'model.moe.router': 'dropless', 'model.moe.grouped_matmul': 'cuda'},
+    "model.moe.grouped_matmul='cuda' must be one of",
   ),
   # Cross-field: input.
   ('digits_switch.py', {'input.image_size': 32}, 'input.image_size=32 does not apply to digits'),

@@ -55,7 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.moe.router = 'topk'
   config.model.moe.num_selected = 1  # K: 1 Switch, 2 V-MoE.
   config.model.moe.capacity_factor = 1.25
-  config.model.moe.eval_capacity_factor = 2.0
+  # None: 2.0 for the token-choice routers (Switch), the training capacity
+  # factor for expert_choice (whose capacity is experts per token).
+  config.model.moe.eval_capacity_factor = config_dict.placeholder(float)
   # Round the capacity up to a multiple of this; None: 4 on GPU/TPU, 1 on CPU.
   config.model.moe.capacity_multiple = config_dict.placeholder(int)
   config.model.moe.batch_priority = False  # Batch Prioritized Routing at training.
@@ -66,9 +68,10 @@ def get_config() -> ml_collections.ConfigDict:
   # num_selected gives a uniform router's tokens the dense MLP's weight 1.
   config.model.moe.combine_scale = 1.0
   config.model.moe.noise_std = 0.0  # Router noise std, in units of 1/num_experts.
-  # Images per routing group (8 as in the V-MoE paper configs); 0: all images of
-  # a device, so the routing then depends on the batch size and device count.
-  config.model.moe.group_size = 8
+  # Images per routing group; None: 1 for soft (an image's output never depends
+  # on its batch neighbours), 8 for the others (the V-MoE paper's configs); 0:
+  # all images of a device, so routing then depends on the batch and devices.
+  config.model.moe.group_size = config_dict.placeholder(int)
   config.model.moe.dispatch = 'indices'  # 'indices' or 'einsum' (reference).
   config.model.moe.mlp_dim = config_dict.placeholder(int)  # Expert width; default model's.
   # Dropout inside the expert MLPs; None: model.dropout.
@@ -84,6 +87,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.moe.slots_per_expert = config_dict.placeholder(int)
   # Dropless: rows per block of the block-padded grouped matmul.
   config.model.moe.block_size = 128
+  # Dropless grouped matmul: 'ragged' (jax.lax.ragged_dot), 'blocks' (the
+  # block-padded batched matmul) or 'auto' (blocks on the CPU, ragged on GPU/TPU).
+  config.model.moe.grouped_matmul = 'auto'
   config.model.moe.z_loss_weight = 0.0  # Router z-loss.
 
   # Devices: a ('data', 'expert') mesh over all devices; the batch is split
@@ -107,6 +113,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.image_size = config_dict.placeholder(int)  # TFDS: resize (random resized crop).
   config.input.crop_padding = 4  # Random crop after padding by this many pixels.
   config.input.flip = True  # Random horizontal flips.
+  # Random erasing (Zhong et al. 2020): the share of training images in which a
+  # random rectangle is replaced by noise; 0 disables. In-memory datasets only.
+  config.input.random_erase = 0.0
   config.input.num_eval_examples = -1  # Evaluate on the first N test examples; -1: all.
   # Low-data training: keep the first N train examples of every class (of the
   # sliced train split; in-memory datasets); 0: all.
@@ -118,7 +127,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.learning_rate = 1e-3  # Peak learning rate.
   config.optimizer.beta1 = 0.9  # Momentum (Adafactor, AdamW, SGD).
   config.optimizer.beta2 = 0.999  # AdamW only; Adafactor uses min(0.999, 1 - t^-0.8).
-  config.optimizer.weight_decay = 1e-4  # Decoupled, times the learning rate schedule.
+  # Decoupled weight decay per step at the schedule's peak: update -= (lr(t) /
+  # learning_rate) * weight_decay * param (Loshchilov & Hutter's AdamW). A
+  # big_vision / V-MoE `wd` (multiplied by lr(t) itself) is weight_decay =
+  # wd * learning_rate here. Kernels, expert weights and linear routers are
+  # decayed (vmoe_jax/optim.py).
+  config.optimizer.weight_decay = 1e-4
   config.optimizer.head_weight_decay = 1e-4  # For the head kernel.
   config.optimizer.grad_clip_norm = 1.0  # Global norm; <= 0 disables.
   config.optimizer.factored_min_dim = 128  # Adafactor factors 2-D slices at least this big.
@@ -196,29 +210,30 @@ def get_config() -> ml_collections.ConfigDict:
 # Paper defaults of the two MoE families (docs/design.md, "Routing contract").
 MOE_PRESETS = {
   # Fedus et al. 2021: top-1, capacity 1.25 train / 2.0 eval, load balancing
-  # 0.01; routing groups of 8 images.
+  # 0.01. The routing group (8 images) and the evaluation capacity are left to
+  # the router's defaults, so that a Switch config evaluated with another
+  # router (soft, expert_choice) gets that router's.
   'switch': dict(
     num_selected=1,
     capacity_factor=1.25,
-    eval_capacity_factor=2.0,
+    eval_capacity_factor=None,
     batch_priority=False,
     eval_batch_priority=None,
     noise_std=0.0,
-    group_size=8,
     load_balance_weight=0.01,
     importance_weight=0.0,
     load_weight=0.0,
   ),
   # Riquelme et al. 2021: top-2, capacity 1.05, noise 1/E, importance and load
-  # losses 0.005 each, MoE in every other block, groups of 8 images; trained
-  # without BPR and evaluated with it (BPR lets evaluation lower the capacity).
+  # losses 0.005 each, MoE in every other block, groups of 8 images (the
+  # default); trained without BPR and evaluated with it (BPR lets evaluation
+  # lower the capacity).
   'vmoe': dict(
     num_selected=2,
     capacity_factor=1.05,
     eval_capacity_factor=1.05,
     batch_priority=False,
     eval_batch_priority=True,
-    group_size=8,
     noise_std=1.0,
     load_balance_weight=0.0,
     importance_weight=0.005,
@@ -233,6 +248,17 @@ def apply_moe_preset(config: ml_collections.ConfigDict, preset: str) -> None:
   if preset not in MOE_PRESETS:
     raise UserError(f'MoE preset {preset!r} is unknown; use one of {sorted(MOE_PRESETS)}.')
   config.model.moe.update(MOE_PRESETS[preset])
+
+
+def config_args(arg: str | None, choices: tuple[str, ...], config_file: str) -> frozenset[str]:
+  """The comma-separated arguments of `--config=FILE:A,B` (e.g. ':w32,val'), each checked.
+
+  Every part must be one of `choices` (`config_arg` gives the one-line error).
+  """
+  parts = [p.strip() for p in (arg or '').split(',') if p.strip()]
+  for part in parts:
+    config_arg(part, choices, config_file)
+  return frozenset(parts)
 
 
 def config_arg(arg: str | None, choices: tuple[str, ...], config_file: str) -> str | None:

@@ -62,7 +62,8 @@ class TrainedModel:
     for start in range(0, len(images), step):
       chunk = images[start : start + step]
       size = len(chunk)
-      multiple = devices * max(1, self.config.model.moe.group_size)
+      group = self.model.moe.group_size if self.model.moe is not None else 1
+      multiple = devices * max(1, group)
       padded = -(-size // multiple) * multiple
       if padded != size:
         chunk = np.concatenate([chunk, np.zeros((padded - size, *chunk.shape[1:]), chunk.dtype)])

@@ -6,9 +6,20 @@ Every optimizer computes
   d      = direction(g): Adafactor + momentum | Adam | momentum SGD
   update = -lr(t) * d - (lr(t) / peak_lr) * weight_decay * param
 
-The weight decay is decoupled from the gradient (Loshchilov & Hutter 2019)
-and follows the shape of the learning rate schedule; the head kernel has its
+The weight decay is decoupled from the gradient and from the learning rate,
+as in Loshchilov & Hutter 2019 (AdamW, Algorithm 2: theta -= eta_t * lambda *
+theta, eta_t the schedule multiplier): it follows the *shape* of the schedule,
+not its peak, so `weight_decay` is the decay per step at the peak. big_vision
+and V-MoE instead multiply by the learning rate itself (lr(t) * wd * param):
+their `wd` is `weight_decay / peak_lr` here, i.e. to reuse a value `wd` from
+their configs set weight_decay = wd * learning_rate. The head kernel has its
 own (usually stronger) value, as in Zhai et al. 2022.
+
+What is decayed (`weight_decay_tree`): every kernel and expert weight, and the
+router weight of linear routers (as V-MoE decays Router/dense/kernel); not
+biases, norms, embeddings, nor Soft MoE's slot parameters and scale (the
+model sees only their direction, so decay would shrink their norm and so
+raise their effective learning rate, not regularise them).
 
 Adafactor (Shazeer & Stern 2018) with the changes of Zhai et al. 2022,
 "Scaling Vision Transformers", Sec. 3.5 / Appendix D:
@@ -254,8 +265,10 @@ def scheduled_weight_decay(
 
 
 def weight_decay_tree(params: Any, weight_decay: float, head_weight_decay: float) -> Any:
-  """Per-parameter decay: head kernel -> head_weight_decay, other kernels and
-  expert weights -> weight_decay, biases/norms/embeddings -> 0."""
+  """Per-parameter decay: head kernel -> head_weight_decay; other kernels,
+  expert weights and linear routers -> weight_decay; biases, norms,
+  embeddings and Soft MoE's normalised slot parameters (a `router` beside a
+  `router_scale`) -> 0. See the module docstring."""
 
   def decay(path, _):
     names = [getattr(k, 'key', str(k)) for k in path]
@@ -264,9 +277,17 @@ def weight_decay_tree(params: Any, weight_decay: float, head_weight_decay: float
       return head_weight_decay
     if name in ('kernel', 'wi', 'wo'):
       return weight_decay
+    if name == 'router' and 'router_scale' not in _parent(params, path):
+      return weight_decay
     return 0.0
 
   return jax.tree_util.tree_map_with_path(decay, params)
+
+
+def _parent(tree: Any, path) -> Any:
+  for key in path[:-1]:
+    tree = tree[getattr(key, 'key', key)]
+  return tree
 
 
 def frozen_mask(params: Any, pattern: str) -> Any:

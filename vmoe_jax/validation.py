@@ -30,6 +30,8 @@ from vmoe_jax.errors import UserError
 from vmoe_jax.errors import check_process_split
 from vmoe_jax.errors import check_split
 from vmoe_jax.models import vit
+from vmoe_jax.moe import routers
+from vmoe_jax.moe import spec as spec_lib
 from vmoe_jax.validation_rules import IMAGE_SIDES
 from vmoe_jax.validation_rules import IN_MEMORY_SPLITS
 from vmoe_jax.validation_rules import RULES
@@ -126,6 +128,11 @@ def _check_input(v, size) -> None:
       f'model.patch_size={patch}{where} is larger than the {side}x{side} images of {dataset}; '
       f'use a patch size of at most {side}, e.g. --config.model.patch_size={suggestion}.'
     )
+  if v.get('input.random_erase', 0) and dataset not in IN_MEMORY_SPLITS:
+    raise UserError(
+      f'input.random_erase={v["input.random_erase"]} applies to the in-memory datasets '
+      f'{sorted(IN_MEMORY_SPLITS)}, not {dataset!r}; remove it (--config.input.random_erase=0).'
+    )
   if v.get('input.train_per_class', 0) and dataset not in IN_MEMORY_SPLITS:
     raise UserError(
       f'input.train_per_class={v["input.train_per_class"]} applies to the in-memory datasets '
@@ -158,6 +165,12 @@ def _check_moe(v) -> None:
       '--config.model.moe.load_weight=0.'
     )
   slots, router = v['model.moe.slots_per_expert'], v['model.moe.router']
+  if selected != 1 and router not in routers.SELECTS_K:
+    raise UserError(
+      f'model.moe.num_selected={selected} does not apply to model.moe.router={router!r} '
+      '(its experts per token follow from model.moe.capacity_factor); remove it '
+      '(--config.model.moe.num_selected=1) or use a top-k router (topk, image_topk, dropless).'
+    )
   if slots is not None and router != 'soft':
     raise UserError(
       f'model.moe.slots_per_expert={slots} applies to the soft router only, not '
@@ -189,6 +202,8 @@ def _check_devices(v, num_devices: int) -> None:
       '(--config.train.grad_accum_steps).'
     )
   group, experts = v['model.moe.group_size'], v['model.moe.num_experts']
+  if group is None:
+    group = spec_lib.default_group_size(v['model.moe.router'])
   if experts > 0 and group > 0:
     for what, size in (
       ('input.batch_size / train.grad_accum_steps', micro),

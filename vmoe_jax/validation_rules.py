@@ -23,6 +23,7 @@ from vmoe_jax import schedules
 from vmoe_jax.errors import UserError
 from vmoe_jax.models import vit
 from vmoe_jax.moe import routers
+from vmoe_jax.moe.spec import GROUPED_MATMULS
 
 # The routers of model.moe.router: the router table of vmoe_jax.moe.routers.
 ROUTER_NAMES = tuple(routers.ROUTERS)
@@ -194,14 +195,18 @@ RULES: dict[str, Rule] = {
   'model.moe.router': choice(ROUTER_NAMES),
   'model.moe.num_selected': integer(ge=1, note='K, the experts per token'),
   'model.moe.capacity_factor': number(gt=0),
-  'model.moe.eval_capacity_factor': number(gt=0),
+  'model.moe.eval_capacity_factor': number(
+    gt=0, note='None: 2.0, or the training factor for expert_choice', example=2.0
+  ),
   'model.moe.capacity_multiple': integer(ge=1, note='None: 4 on GPU/TPU, 1 on CPU', example=4),
   'model.moe.batch_priority': boolean(),
   'model.moe.eval_batch_priority': boolean('None: as model.moe.batch_priority', True),
   'model.moe.renormalize': boolean(),
   'model.moe.combine_scale': number(gt=0, note='num_experts / num_selected: uniform gates weigh 1'),
   'model.moe.noise_std': number(ge=0, note='in units of 1/num_experts'),
-  'model.moe.group_size': integer(ge=0, note='images per routing group; 0: all of a device'),
+  'model.moe.group_size': integer(
+    ge=0, note='images per routing group; 0: all of a device; None: 1 for soft, else 8', example=8
+  ),
   'model.moe.dispatch': choice(DISPATCHES),
   'model.moe.mlp_dim': integer(ge=1, note='None: model.mlp_dim', example=256),
   'model.moe.dropout': number(ge=0, lt=1, note='None: model.dropout', example=0.1),
@@ -212,6 +217,7 @@ RULES: dict[str, Rule] = {
   'model.moe.load_threshold': choice(LOAD_THRESHOLDS),
   'model.moe.slots_per_expert': integer(ge=1, note='None: from capacity_factor', example=1),
   'model.moe.block_size': integer(ge=1, note='rows per block of the dropless matmul'),
+  'model.moe.grouped_matmul': choice(GROUPED_MATMULS),
   # Devices.
   'mesh.expert': integer(ge=1, also=(-1,), note='-1: chosen from the device count'),
   # Input.
@@ -225,6 +231,7 @@ RULES: dict[str, Rule] = {
   'input.image_size': integer(ge=1, note='None: the native size', example=224),
   'input.crop_padding': integer(ge=0),
   'input.flip': boolean(),
+  'input.random_erase': number(ge=0, le=1, note='share of training images; 0: off', example=0.25),
   'input.num_eval_examples': integer(ge=1, also=(-1,), note='-1: all'),
   'input.train_per_class': integer(ge=0, note='0: all'),
   # Optimizer.

@@ -79,13 +79,22 @@ def _block_layout(expert: jax.Array, num_experts: int, block_size: int):
   return position.astype(jnp.int32), block_expert.astype(jnp.int32), num_padded
 
 
-def _mlp(rows, wi, bi, wo, bo, dropout_key, rate, dtype, matmul):
+def _mlp(rows, wi, bi, wo, bo, dropout_key, rate, dtype, matmul, valid=None):
+  """The expert MLP of every row; rows where `valid` (M,) is False give zeros.
+
+  `jax.lax.ragged_dot` leaves the rows past sum(group_sizes) unspecified, so
+  they are zeroed before the nonlinearity (whose backward pass would turn a
+  non-finite value there into NaN gradients even behind a `where`) and after.
+  """
   h = matmul(rows, wi) + bi
+  if valid is not None:
+    h = jnp.where(valid[..., None], h, 0)
   h = jax.nn.gelu(h)  # tanh approximation, as flax.linen.gelu in `layer.expert_mlp`.
   if dropout_key is not None and rate > 0:
     keep = jax.random.bernoulli(dropout_key, 1.0 - rate, h.shape)
     h = jnp.where(keep, h / (1.0 - rate), 0).astype(dtype)
-  return matmul(h, wo) + bo
+  out = matmul(h, wo) + bo
+  return out if valid is None else jnp.where(valid[..., None], out, 0)
 
 
 def grouped_mlp(rows, expert, params, *, block_size, dtype, dropout_key=None, rate=0.0, impl=None):
@@ -98,6 +107,7 @@ def grouped_mlp(rows, expert, params, *, block_size, dtype, dropout_key=None, ra
   bi, bo = params['bi'].astype(dtype), params['bo'].astype(dtype)
   impl = impl or default_impl()
   if impl == 'ragged':
+    # Empty rows (expert == E) sort last, past sum(group_sizes).
     order, counts, _ = _sort_by(expert, num_experts)
     sorted_rows = rows[order]
     group_sizes = counts[:num_experts]
@@ -112,8 +122,8 @@ def grouped_mlp(rows, expert, params, *, block_size, dtype, dropout_key=None, ra
       rate,
       dtype,
       lambda x, w: jax.lax.ragged_dot(x, w, group_sizes),
+      valid=expert[order] < num_experts,
     )
-    out = jnp.where((expert[order] < num_experts)[:, None], out, 0)
     return jnp.zeros_like(out).at[order].set(out)
   position, block_expert, num_padded = _block_layout(expert, num_experts, block_size)
   width = rows.shape[-1]
@@ -141,12 +151,15 @@ def _slots_by_destination(dest: jax.Array, num_shards: int) -> jax.Array:
   return rank - starts[dest]
 
 
-def forward(xg, plan: SortedPlan, params, *, block_size, dtype, dropout_key, rate, num_shards):
+def forward(
+  xg, plan: SortedPlan, params, *, block_size, dtype, dropout_key, rate, num_shards, impl=None
+):
   """The experts on every assignment of the device's groups: (G, S, D) -> (G, S, D).
 
   With num_shards > 1 this runs inside shard_map: `params` hold this device's
   E_l = E / n experts; assignments go to the shard of their expert and back
-  through a fixed-size all_to_all (see the module docstring).
+  through a fixed-size all_to_all (see the module docstring). `impl`: 'ragged',
+  'blocks' or None (`default_impl`).
   """
   num_groups, num_tokens, width = xg.shape
   k = plan.expert_index.shape[-1]
@@ -158,7 +171,14 @@ def forward(xg, plan: SortedPlan, params, *, block_size, dtype, dropout_key, rat
   rows = jnp.repeat(xg.reshape(-1, width), k, axis=0)  # (A, D)
   if num_shards == 1:
     out = grouped_mlp(
-      rows, expert, params, block_size=block_size, dtype=dtype, dropout_key=dropout_key, rate=rate
+      rows,
+      expert,
+      params,
+      block_size=block_size,
+      dtype=dtype,
+      dropout_key=dropout_key,
+      rate=rate,
+      impl=impl,
     )
   else:
     out = _exchange_and_run(
@@ -170,6 +190,7 @@ def forward(xg, plan: SortedPlan, params, *, block_size, dtype, dropout_key, rat
       dtype=dtype,
       dropout_key=dropout_key,
       rate=rate,
+      impl=impl,
     )
   out = out.reshape(num_groups, num_tokens, k, width)
   return jnp.einsum('gskd,gsk->gsd', out, plan.weight.astype(out.dtype))

@@ -158,7 +158,8 @@ def moe_forward(x, mask, params, noise, dropout_key, *, spec: MoeSpec, train: bo
       tokens_per_image=tokens,
       train=train,
     )
-    plan, metrics, view = router.route(inputs, spec)
+    routed = router.route(inputs, spec)
+    plan, metrics, view = routed.plan, routed.metrics, routed.view
   if dropout_key is not None and mesh_axes:
     device = jax.lax.axis_index(DATA_AXIS) * num_shards + jax.lax.axis_index(EXPERT_AXIS)
     dropout_key = jax.random.fold_in(dropout_key, device)
@@ -170,6 +171,7 @@ def moe_forward(x, mask, params, noise, dropout_key, *, spec: MoeSpec, train: bo
         xg,
         plan,
         expert_params,
+        impl=None if spec.grouped_matmul == 'auto' else spec.grouped_matmul,
         block_size=spec.block_size,
         dtype=x.dtype,
         dropout_key=dropout_key,
@@ -185,9 +187,29 @@ def moe_forward(x, mask, params, noise, dropout_key, *, spec: MoeSpec, train: bo
     y = y * jnp.asarray(spec.combine_scale, y.dtype)
   y = y.astype(x.dtype)
   if mesh_axes:
-    metrics = jax.lax.pmean(metrics, BATCH_AXES)
+    metrics = combine_metrics(metrics, routed.weights or {})
   per_token = routing_lib.Routing(*(a.reshape(batch, tokens, -1) for a in view))
   return y, metrics, per_token
+
+
+def combine_metrics(metrics: dict, weights: dict) -> dict:
+  """The metrics of all devices' groups, from those of each device (inside shard_map).
+
+  A metric with a weight (its denominator on this device, e.g. the real
+  tokens) is sum(metric * weight) / sum(weight) over devices, so that a padded
+  batch, whose devices hold different numbers of real tokens, gives the
+  unsharded value; the others (per-group means: every device holds as many
+  groups) are averaged.
+  """
+  out = {}
+  for name, value in metrics.items():
+    if name in weights:
+      weight = weights[name]
+      total = jax.lax.psum(weight, BATCH_AXES)
+      out[name] = jax.lax.psum(value * weight, BATCH_AXES) / jnp.maximum(total, 1e-9)
+    else:
+      out[name] = jax.lax.pmean(value, BATCH_AXES)
+  return out
 
 
 def check_divisible(num_experts: int, mesh: Mesh | None) -> None:
@@ -222,10 +244,13 @@ class MoeMlp(nn.Module):
     kernel_init = nn.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
     bias_init = nn.with_partitioning(nn.initializers.normal(1e-6), (EXPERT_AXIS, None))
     if router.normalized:  # Soft MoE: unit-norm slot parameters and a learned scale.
+      # The (D, E * P) slot parameters are initialised as the paper's code does
+      # its (D, E, P) ones, LeCun normal with fan-in E * D (variance 1 / (E * D)):
+      # the forward pass normalises them, but the step size relative to their
+      # norm, and so how fast the slots move, depends on the initial scale.
+      slot_init = nn.initializers.variance_scaling(1.0 / experts, 'fan_in', 'truncated_normal')
       params = {
-        'router': self.param(
-          'router', nn.initializers.lecun_normal(), (width, num_logits), jnp.float32
-        ),
+        'router': self.param('router', slot_init, (width, num_logits), jnp.float32),
         'router_scale': self.param('router_scale', nn.initializers.ones, (), jnp.float32),
       }
     else:

@@ -52,6 +52,12 @@ class RouterOutput(NamedTuple):
   plan: Any  # plans.SlotPlan | plans.DensePlan | dropless.SortedPlan
   metrics: dict[str, jax.Array]
   view: routing.Routing  # (G, S, K') per token, for analysis.
+  # The denominator of every metric that is a ratio over this device's groups
+  # (e.g. 'dropped': real tokens): across devices such a metric is
+  # sum(metric * weight) / sum(weight), not a plain mean, so that a padded
+  # batch gives the unsharded value. Metrics not named here are per-group
+  # means (the losses) and are averaged over devices.
+  weights: dict[str, jax.Array] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +126,19 @@ def losses_names() -> tuple[str, ...]:
   return tuple(spec_lib.AUX_LOSS_WEIGHTS)
 
 
+def real_count(mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
+  """Real tokens (or images) of (G, S) routing units: the weight of per-token metrics."""
+  if mask is None:
+    return jnp.asarray(float(shape[0] * shape[1]), jnp.float32)
+  return jnp.sum(mask.astype(jnp.float32))
+
+
+def token_weights(mask: jax.Array | None, shape: tuple[int, ...]) -> dict[str, jax.Array]:
+  """`RouterOutput.weights` of metrics that are means over real tokens (or images)."""
+  count = real_count(mask, shape)
+  return {name: count for name in ('dropped', 'expert_load', 'top1_gate')}
+
+
 def assignment_metrics(view: routing.Routing, gates, mask, num_experts: int) -> dict:
   """'dropped', 'expert_load' (E,) and 'top1_gate' of a (G, S, K) view."""
   chosen = jax.nn.one_hot(view.expert_index, num_experts, dtype=jnp.float32)  # (G, S, K, E)
@@ -178,21 +197,29 @@ def route_topk(inputs: RouterInputs, spec: MoeSpec) -> RouterOutput:
   )
   metrics = gate_losses(inputs, gates, spec, _noise_std(inputs, spec))
   metrics.update(assignment_metrics(view, gates, inputs.mask, spec.num_experts))
-  return RouterOutput(plans.from_routing(view, spec.num_experts, capacity), metrics, view)
+  plan = plans.from_routing(view, spec.num_experts, capacity)
+  return RouterOutput(plan, metrics, view, token_weights(inputs.mask, gates.shape))
 
 
 # --------------------------------------------------------------------------- image-level
 
 
-def image_capacity(spec: MoeSpec, num_tokens: int, tokens_per_image: int, train: bool) -> int:
-  """Buffer slots per expert and group: C_img * T, C_img = ceil(K * N * cf / E) images."""
-  return tokens_per_image * routing.compute_capacity(
-    num_tokens // tokens_per_image,
-    spec.num_experts,
-    spec.num_selected,
-    spec.capacity_factor_for(train),
-    spec.capacity_multiple,
+def images_per_expert(spec: MoeSpec, num_images: int, train: bool) -> int:
+  """C_img = ceil(K * N * cf / E) images per expert and group, never rounded up.
+
+  `capacity_multiple` aligns buffers, not routing decisions: rounding a count
+  of images up to a multiple of 4 would give N=8 images, E=8, cf=1.25 a
+  capacity of 4 images instead of 2 (an effective capacity factor of 4.0).
+  """
+  return routing.compute_capacity(
+    num_images, spec.num_experts, spec.num_selected, spec.capacity_factor_for(train)
   )
+
+
+def image_capacity(spec: MoeSpec, num_tokens: int, tokens_per_image: int, train: bool) -> int:
+  """Buffer slots per expert and group: C_img * T, rounded up to `capacity_multiple`."""
+  slots = tokens_per_image * images_per_expert(spec, num_tokens // tokens_per_image, train)
+  return spec.capacity_multiple * -(-slots // spec.capacity_multiple)
 
 
 def route_image_topk(inputs: RouterInputs, spec: MoeSpec) -> RouterOutput:
@@ -202,7 +229,8 @@ def route_image_topk(inputs: RouterInputs, spec: MoeSpec) -> RouterOutput:
   token logits, the router being linear); the K largest gates of the image
   pick its experts; capacity counts images (C_img = ceil(K * N * cf / E));
   BPR orders images by their top-1 gate. Expert buffers hold C_img * T
-  token slots. Noise: one draw per image (the noise of its first token).
+  token slots (rounded up to `capacity_multiple`; the image count itself is
+  never rounded). Noise: one draw per image (the noise of its first token).
   """
   num_groups, num_tokens, num_experts = inputs.logits.shape
   t = inputs.tokens_per_image
@@ -220,11 +248,9 @@ def route_image_topk(inputs: RouterInputs, spec: MoeSpec) -> RouterOutput:
     train=inputs.train,
   )
   gates = jax.nn.softmax(_noisy(image_inputs), axis=-1)
-  capacity = image_capacity(spec, num_tokens, t, inputs.train) // t
+  capacity = images_per_expert(spec, n, inputs.train)
   factor = spec.capacity_factor_for(inputs.train)
-  limit = routing.effective_capacity(
-    image_mask, num_experts, spec.num_selected, factor, spec.capacity_multiple
-  )
+  limit = routing.effective_capacity(image_mask, num_experts, spec.num_selected, factor)
   images = routing.route(
     gates,
     num_selected=spec.num_selected,
@@ -248,7 +274,8 @@ def route_image_topk(inputs: RouterInputs, spec: MoeSpec) -> RouterOutput:
   )
   metrics = gate_losses(image_inputs, gates, spec, _noise_std(inputs, spec))
   metrics.update(assignment_metrics(images, gates, image_mask, num_experts))
-  return RouterOutput(plans.from_routing(view, num_experts, capacity * t), metrics, view)
+  plan = plans.from_routing(view, num_experts, image_capacity(spec, num_tokens, t, inputs.train))
+  return RouterOutput(plan, metrics, view, token_weights(image_mask, gates.shape))
 
 
 # --------------------------------------------------------------------------- expert choice
@@ -268,7 +295,10 @@ def route_expert_choice(inputs: RouterInputs, spec: MoeSpec) -> RouterOutput:
   Every expert takes the C tokens of the group with the largest gates for it
   (C = ceil(S * cf / E)); a token may be taken by 0..E experts; outputs are
   combined with the gates. Nothing is dropped for capacity, but tokens that
-  no expert takes pass on through the residual ('dropped' counts them).
+  no expert takes pass on through the residual ('dropped' counts them). The
+  capacity factor is the mean number of experts per token, so it is part of
+  the function: evaluation uses the training one unless asked otherwise
+  (`MoeSpec.eval_capacity_factor`). No auxiliary loss.
   """
   gates = jax.nn.softmax(_noisy(inputs), axis=-1)
   num_groups, num_tokens, num_experts = gates.shape
@@ -293,15 +323,21 @@ def route_expert_choice(inputs: RouterInputs, spec: MoeSpec) -> RouterOutput:
   slot = jnp.take_along_axis(jnp.swapaxes(taken, 1, 2), order, axis=-1)
   weight = jnp.where(slot >= 0, jnp.take_along_axis(gates, order, axis=-1), 0.0)
   view = routing.Routing(expert_index=order, slot=slot, combine_weight=weight)
-  metrics = gate_losses(inputs, gates, spec, _noise_std(inputs, spec))
+  # No auxiliary loss (Zhou et al. 2022, Sec. 3: every expert takes exactly C
+  # tokens, so the load is balanced by construction; V-MoE's Expert Choice
+  # router returns a zero auxiliary loss too).
+  metrics = _zero_losses()
   kept = (slot >= 0).astype(jnp.float32)
   kept_per_expert = jnp.sum(jnp.swapaxes(taken, 1, 2) >= 0, axis=(0, 1)).astype(jnp.float32)
+  total_kept = jnp.sum(kept_per_expert)
   metrics.update(
     dropped=_real_mean((jnp.sum(kept, axis=-1) == 0).astype(jnp.float32), inputs.mask),
-    expert_load=kept_per_expert / jnp.maximum(jnp.sum(kept_per_expert), 1.0),
+    expert_load=kept_per_expert / jnp.maximum(total_kept, 1.0),
     top1_gate=_real_mean(jnp.max(gates, axis=-1), inputs.mask),
   )
-  return RouterOutput(plan, metrics, view)
+  weights = token_weights(inputs.mask, gates.shape)
+  weights['expert_load'] = total_kept  # A share of the assignments made, not of tokens.
+  return RouterOutput(plan, metrics, view, weights)
 
 
 # --------------------------------------------------------------------------- soft
@@ -351,7 +387,8 @@ def route_soft(inputs: RouterInputs, spec: MoeSpec) -> RouterOutput:
     expert_load=jnp.sum(mass, axis=(0, 1)) / jnp.maximum(jnp.sum(mass), 1e-9),
     top1_gate=_real_mean(jnp.max(mass, axis=-1), inputs.mask),
   )
-  return RouterOutput(plans.DensePlan(dispatch=dispatch, combine=combine), metrics, view)
+  plan = plans.DensePlan(dispatch=dispatch, combine=combine)
+  return RouterOutput(plan, metrics, view, token_weights(inputs.mask, mass.shape))
 
 
 # --------------------------------------------------------------------------- dropless
@@ -381,7 +418,7 @@ def route_dropless(inputs: RouterInputs, spec: MoeSpec) -> RouterOutput:
   plan = dropless.SortedPlan(
     expert_index=expert_index, weight=view.combine_weight, mask=inputs.mask
   )
-  return RouterOutput(plan, metrics, view)
+  return RouterOutput(plan, metrics, view, token_weights(inputs.mask, gates.shape))
 
 
 ROUTERS: dict[str, Router] = {

@@ -29,6 +29,29 @@ AUX_LOSS_WEIGHTS = {
 }
 DISPATCHES = ('indices', 'einsum')
 LOAD_THRESHOLDS = ('vmoe', 'shazeer')
+GROUPED_MATMULS = ('auto', 'ragged', 'blocks')
+# Defaults that depend on the router (docs/design.md, "Routing contract").
+DEFAULT_GROUP_SIZE = 8  # Images per routing group, as the V-MoE paper's configs.
+DEFAULT_EVAL_CAPACITY_FACTOR = 2.0  # Token-choice routers (Switch Transformer).
+
+
+def default_group_size(router: str) -> int:
+  """Images per routing group when model.moe.group_size is unset.
+
+  Soft MoE routes one image per group, as its paper's code does: its slots
+  mix the tokens of a group, so a larger group makes an image's output depend
+  on the other images of its batch.
+  """
+  return 1 if router == 'soft' else DEFAULT_GROUP_SIZE
+
+
+def default_eval_capacity_factor(router: str, capacity_factor: float) -> float:
+  """The evaluation capacity factor when model.moe.eval_capacity_factor is unset.
+
+  Expert Choice keeps its training capacity: there the capacity factor is the
+  mean number of experts per token, part of the function the model learned.
+  """
+  return capacity_factor if router == 'expert_choice' else DEFAULT_EVAL_CAPACITY_FACTOR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +65,7 @@ class MoeSpec:
     router: name in `vmoe_jax.moe.routers.ROUTERS`.
     num_selected: K, experts per token (top-k routers) or per image (image_topk).
     capacity_factor, eval_capacity_factor: buffer slots relative to an even
-      share, at training and at evaluation.
+      share, at training and at evaluation (None: `default_eval_capacity_factor`).
     capacity_multiple: round every capacity up to a multiple of this.
     batch_priority, eval_batch_priority: Batch Prioritized Routing.
     renormalize: divide the K combine weights by their sum.
@@ -52,12 +75,16 @@ class MoeSpec:
       scaling factor). 1.0: the Switch / V-MoE combine.
     noise_std: router noise std in units of 1/E (the noise std is noise_std / E).
     group_size: images per routing group; 0: all images of a device (then
-      routing depends on the number of devices).
+      routing depends on the number of devices); None: `default_group_size`
+      (1 for Soft MoE, 8 for the others).
     dispatch: 'indices' or 'einsum' (the one-hot reference).
     dropout: dropout rate inside the experts.
     load_threshold: 'vmoe' or 'shazeer', see `losses.load_loss`.
     slots_per_expert: Soft MoE slots per expert; None: from capacity_factor.
     block_size: dropless: rows per block of the block-padded grouped matmul.
+    grouped_matmul: dropless: 'ragged' (`jax.lax.ragged_dot`), 'blocks' (the
+      block-padded batched matmul) or 'auto' (blocks on the CPU, ragged on
+      GPU/TPU).
     *_weight: weights of the auxiliary losses (`AUX_LOSS_WEIGHTS`).
   """
 
@@ -67,19 +94,20 @@ class MoeSpec:
   router: str = 'topk'
   num_selected: int = 1
   capacity_factor: float = 1.25
-  eval_capacity_factor: float = 2.0
+  eval_capacity_factor: float | None = None
   capacity_multiple: int = 1
   batch_priority: bool = False
   eval_batch_priority: bool = False
   renormalize: bool = False
   combine_scale: float = 1.0
   noise_std: float = 0.0
-  group_size: int = 8
+  group_size: int | None = None
   dispatch: str = 'indices'
   dropout: float = 0.0
   load_threshold: str = 'vmoe'
   slots_per_expert: int | None = None
   block_size: int = 128
+  grouped_matmul: str = 'auto'
   load_balance_weight: float = 0.0
   importance_weight: float = 0.0
   load_weight: float = 0.0
@@ -90,6 +118,13 @@ class MoeSpec:
 
     def bad(key, value, fix):
       raise UserError(f'model.moe.{key}={value!r} {fix}')
+
+    # Router-dependent defaults (the dataclass is frozen: set them once, here).
+    if self.group_size is None:
+      object.__setattr__(self, 'group_size', default_group_size(self.router))
+    if self.eval_capacity_factor is None:
+      value = default_eval_capacity_factor(self.router, self.capacity_factor)
+      object.__setattr__(self, 'eval_capacity_factor', value)
 
     if self.num_experts < 1:
       bad('num_experts', self.num_experts, 'must be >= 1 for an MoE model (0 gives a dense ViT).')
@@ -125,6 +160,8 @@ class MoeSpec:
       )
     if self.block_size < 1:
       bad('block_size', self.block_size, 'must be >= 1.')
+    if self.grouped_matmul not in GROUPED_MATMULS:
+      bad('grouped_matmul', self.grouped_matmul, f'is unknown; use one of {GROUPED_MATMULS}.')
     if self.mlp_dim < 1:
       bad('mlp_dim', self.mlp_dim, 'must be >= 1.')
     for weight in AUX_LOSS_WEIGHTS.values():
@@ -138,7 +175,8 @@ class MoeSpec:
     Resolved here: `layers` against the model depth, `mlp_dim` (default: the
     dense MLP's), `dropout` (default: model.dropout, so that dense and MoE
     models regularise alike), `capacity_multiple` (default: 4 on GPU/TPU, as
-    V-MoE, 1 on the CPU) and `eval_batch_priority` (default: batch_priority).
+    V-MoE, 1 on the CPU) and `eval_batch_priority` (default: batch_priority);
+    `group_size` and `eval_capacity_factor` default by router (`__post_init__`).
     """
     from vmoe_jax.models import factory  # pylint: disable=g-import-not-at-top
     from vmoe_jax.models import vit  # pylint: disable=g-import-not-at-top
@@ -154,7 +192,6 @@ class MoeSpec:
     multiple = moe.capacity_multiple
     if multiple is None:
       multiple = 1 if (backend or _default_backend()) == 'cpu' else 4
-    eval_capacity = moe.eval_capacity_factor
     eval_bpr = moe.eval_batch_priority
     dropout = moe.dropout
     return cls(
@@ -164,19 +201,20 @@ class MoeSpec:
       router=moe.router,
       num_selected=moe.num_selected,
       capacity_factor=float(moe.capacity_factor),
-      eval_capacity_factor=float(moe.capacity_factor if eval_capacity is None else eval_capacity),
+      eval_capacity_factor=_float_or_none(moe.eval_capacity_factor),
       capacity_multiple=int(multiple),
       batch_priority=bool(moe.batch_priority),
       eval_batch_priority=bool(moe.batch_priority if eval_bpr is None else eval_bpr),
       renormalize=bool(moe.renormalize),
       combine_scale=float(moe.get('combine_scale', 1.0)),
       noise_std=float(moe.noise_std),
-      group_size=int(moe.group_size),
+      group_size=None if moe.group_size is None else int(moe.group_size),
       dispatch=moe.dispatch,
       dropout=float(config.model.dropout if dropout is None else dropout),
       load_threshold=moe.load_threshold,
       slots_per_expert=moe.slots_per_expert,
       block_size=int(moe.block_size),
+      grouped_matmul=moe.get('grouped_matmul', 'auto'),
       **{weight: float(moe[weight]) for weight in AUX_LOSS_WEIGHTS.values()},
     )
 
@@ -206,6 +244,10 @@ class MoeSpec:
       'image_topk': 'image-level MoE',
       'dropless': 'dropless MoE',
     }.get(self.router, self.router)
+
+
+def _float_or_none(value) -> float | None:
+  return None if value is None else float(value)
 
 
 def _default_backend() -> str:
