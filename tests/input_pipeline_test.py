@@ -194,3 +194,30 @@ def test_digits_at_10_images_per_class():
   train_images = dataset.train_arrays[0].reshape(100, -1)
   for image in batch['image'][:5].reshape(5, -1):
     assert np.any(np.all(np.isclose(train_images, image), axis=1))
+
+
+def test_random_erasing_replaces_one_rectangle_in_the_chosen_share_of_images():
+  from vmoe_jax.input_pipeline import _random_erase
+
+  images = np.zeros((2000, 28, 28, 1), np.float32)
+  images[:, 0, 0] = 255.0  # The pixel range of the batch: noise is drawn in [0, 255].
+  out = _random_erase(images, 0.25, np.random.default_rng(0))
+  changed = np.any(out != images, axis=(1, 2, 3))
+  assert abs(changed.mean() - 0.25) < 0.03  # 2,000 draws: binomial std ~0.01.
+  for image, before in zip(out[changed][:50], images[changed][:50]):
+    rows, cols = np.nonzero((image != before)[..., 0])
+    # One rectangle of at most 33% of the area (noise may equal 0 at a few pixels).
+    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert height * width <= 0.33 * 28 * 28 + 28
+    assert np.all((image >= 0) & (image <= 255))
+  np.testing.assert_array_equal(_random_erase(images, 0.0, np.random.default_rng(0)), images)
+
+
+def test_random_erasing_is_refused_for_tfds_datasets():
+  from vmoe_jax import validation
+
+  config = tfds_config()
+  config.input.random_erase = 0.25
+  config.model.update(dict(width=16, depth=1, num_heads=1, mlp_dim=16, patch_size=4))
+  with pytest.raises(UserError, match=r'input.random_erase=0.25 applies to the in-memory'):
+    validation.validate(config)

@@ -220,6 +220,35 @@ def _random_shift(images: np.ndarray, max_shift: int, rng: np.random.Generator) 
   return padded[np.arange(batch)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
+def _random_erase(images: np.ndarray, prob: float, rng: np.random.Generator) -> np.ndarray:
+  """Random erasing (Zhong et al. 2020): (B, H, W, C) raw pixels -> same.
+
+  With probability `prob` per image, a rectangle of 2-33% of the image area
+  and aspect ratio 0.3-3.3 (drawn log-uniform) is filled with uniform noise
+  over the pixel range of the batch.
+  """
+  if prob <= 0:
+    return images
+  batch, height, width, _ = images.shape
+  area = rng.uniform(0.02, 0.33, batch) * height * width
+  ratio = np.exp(rng.uniform(np.log(0.3), np.log(1 / 0.3), batch))
+  h = np.clip(np.round(np.sqrt(area * ratio)), 1, height).astype(int)
+  w = np.clip(np.round(np.sqrt(area / ratio)), 1, width).astype(int)
+  top = rng.integers(0, height - h + 1)
+  left = rng.integers(0, width - w + 1)
+  rows, cols = np.arange(height)[None, :, None], np.arange(width)[None, None, :]
+  box = (
+    (rows >= top[:, None, None])
+    & (rows < (top + h)[:, None, None])
+    & (cols >= left[:, None, None])
+    & (cols < (left + w)[:, None, None])
+    & (rng.random(batch) < prob)[:, None, None]
+  )
+  low, high = float(images.min()), float(images.max())
+  noise = rng.uniform(low, high, images.shape).astype(images.dtype)
+  return np.where(box[..., None], noise, images)
+
+
 def _padded_eval_batches(images, labels, config, process_index, process_count, limit=None):
   """Every process gets ceil(N / global_batch) batches of its rows, padded with mask 0.
 
@@ -272,6 +301,7 @@ def in_memory_dataset(
       if config.input.flip:
         flip = rng.random(batch) < 0.5
         images = np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+      images = _random_erase(images, config.input.get('random_erase', 0.0), rng)
       yield {'image': normalize(images[rows]), 'label': train_y[index][rows]}
       step += 1
 
