@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shlex
 import statistics
@@ -263,6 +262,27 @@ def run_queue(runs: list[Run], root: str, results: str, jobs: int) -> int:
 
 # --------------------------------------------------------------------------- tables
 
+RECIPE_PREFIXES = ('input.', 'train.', 'optimizer.', 'schedule.')
+
+
+def recipe_name(record: dict) -> str:
+  """The RECIPES entry a record's training overrides match, else 'custom'."""
+  recipe = {k: v for k, v in record['overrides'].items() if k.startswith(RECIPE_PREFIXES)}
+  for name, overrides in RECIPES.items():
+    if recipe == overrides:
+      return name
+  return 'custom'
+
+
+def variant_name(record: dict) -> str:
+  """The `moe_variants` entry of a record's model, else its model overrides."""
+  stem = os.path.basename(record['config'].split(':')[0])
+  model = {k: v for k, v in record['overrides'].items() if k.startswith('model.')}
+  for name, (config_file, overrides) in moe_variants(record['width']).items():
+    if config_file == stem and overrides == model:
+      return name
+  return stem + (' ' + ' '.join(f'{k[6:]}={v}' for k, v in sorted(model.items())) if model else '')
+
 
 def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
   values = [v for v in values if v is not None]
@@ -272,30 +292,113 @@ def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
   return statistics.fmean(values), std, len(values)
 
 
-def group_key(record: dict) -> tuple:
-  """What a row of a table is: everything but the seed."""
-  return (record['config'], json.dumps(record['overrides'], sort_keys=True), record['kind'])
+def groups(records: list[dict], split: str) -> dict[tuple, list[dict]]:
+  """(width, recipe, kind, variant) -> the records of its seeds, for one split."""
+  out = {}
+  for r in records:
+    if r['split'] == split:
+      key = (r['width'], recipe_name(r), r['kind'], variant_name(r))
+      out.setdefault(key, []).append(r)
+  return {k: sorted(v, key=lambda r: r['seed']) for k, v in sorted(out.items())}
 
 
-def screen_table(records: list[dict]) -> str:
-  rows = [r for r in records if r['split'] == 'val']
+def paired_delta(members: list[dict], baseline: list[dict]) -> tuple[float, float, int]:
+  """Mean and std over seeds of (accuracy - the baseline's accuracy at the same seed)."""
+  base = {r['seed']: r['test_accuracy'] for r in baseline}
+  return mean_std(r['test_accuracy'] - base[r['seed']] for r in members if r['seed'] in base)
+
+
+def _pct(mean, std, n, signed=False) -> str:
+  if n == 0:
+    return '-'
+  text = f'{100 * mean:+.2f}' if signed else f'{100 * mean:.2f}'
+  return text + (f' ± {100 * std:.2f}' if n > 1 else '') + ('' if n == 3 else f' (n={n})')
+
+
+def results_table(records: list[dict], split: str) -> str:
+  """Every group of `split`: accuracy over seeds and the paired gain over its dense model."""
+  grouped = groups(records, split)
   lines = [
-    '| config | overrides | seed | val | train[:10k] | params | GFLOPs | s/step |',
-    '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |',
+    '| width | recipe | model | kind | params | GFLOPs/img | accuracy (%) | by seed | '
+    'Δ vs dense (paired) | train[:10k] (%) | dropped | s/step |',
+    '| ---: | --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |',
   ]
-  for r in sorted(rows, key=lambda r: (r['width'], r['config'], str(r['overrides']))):
-    overrides = ' '.join(f'{k}={v}' for k, v in sorted(r['overrides'].items()))
+  for (width, recipe, kind, variant), members in grouped.items():
+    dense = grouped.get((width, recipe, 'scratch', 'dense'), [])
+    delta = paired_delta(members, dense) if variant != 'dense' else (0, 0, 0)
+    seeds = ' / '.join(f'{100 * r["test_accuracy"]:.2f}' for r in members)
+    first = members[0]
+    dropped = mean_std(r['dropped'] for r in members)
     lines.append(
-      f'| {r["config"]} | {overrides} | {r["seed"]} | {100 * r["test_accuracy"]:.2f} | '
-      f'{100 * (r["train_accuracy"] or float("nan")):.2f} | {r["params"]:,} | '
-      f'{r["gflops_per_image"]:.4f} | {r["step_seconds"] or float("nan"):.3f} |'
+      f'| {width} | {recipe} | {variant} | {kind} | {first["params"]:,} | '
+      f'{first["gflops_per_image"]:.4f} | '
+      f'{_pct(*mean_std(r["test_accuracy"] for r in members))} | {seeds} | '
+      f'{_pct(*delta, signed=True) if variant != "dense" else "—"} | '
+      f'{_pct(*mean_std(r["train_accuracy"] for r in members))} | '
+      f'{"-" if dropped[2] == 0 else f"{100 * dropped[0]:.1f}%"} | '
+      f'{mean_std(r["step_seconds"] for r in members)[0]:.3f} |'
     )
   return '\n'.join(lines) + '\n'
 
 
+def size_curve(records: list[dict], split: str, recipe: str, variant: str):
+  """Per width: (GFLOPs, params, mean, std) of the dense model and of `variant`."""
+  grouped = groups(records, split)
+  curves = {'dense': [], variant: []}
+  for (width, rec, kind, name), members in grouped.items():
+    if rec != recipe or kind != 'scratch' or name not in curves:
+      continue
+    mean, std, n = mean_std(r['test_accuracy'] for r in members)
+    curves[name].append(
+      (width, members[0]['gflops_per_image'], members[0]['params'], mean, std if n > 1 else 0.0)
+    )
+  return curves
+
+
+def plot_size_curve(curves: dict, path: str, title: str) -> None:
+  """Accuracy against active GFLOPs and against parameters: dense and MoE lines."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+  for ax, column, label in ((axes[0], 1, 'active GFLOPs / image'), (axes[1], 2, 'parameters')):
+    for (name, points), style in zip(curves.items(), ('o-', 's-')):
+      if not points:
+        continue
+      x = [p[column] for p in points]
+      ax.errorbar(
+        x,
+        [100 * p[3] for p in points],
+        yerr=[100 * p[4] for p in points],
+        fmt=style,
+        capsize=3,
+        label=name,
+      )
+      for p, xi in zip(points, x):
+        ax.annotate(
+          f'w{p[0]}', (xi, 100 * p[3]), textcoords='offset points', xytext=(4, -12), fontsize=8
+        )
+    ax.set_xscale('log')
+    ax.set_xlabel(label)
+    ax.set_ylabel('test accuracy (%)')
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc='lower right')
+  fig.suptitle(title)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def write_tables(results: str, out: str) -> str:
   records = ledger.load_records(results)
-  text = '## Held-out slice (`:val`) runs\n\n' + screen_table(records)
+  text = ''
+  for split, title in (
+    ('test', 'Test split'),
+    ('val', 'Held-out slice of the train split (`:val`)'),
+  ):
+    if any(r['split'] == split for r in records):
+      text += f'## {title}\n\n' + results_table(records, split) + '\n'
   os.makedirs(out, exist_ok=True)
   return text
 
