@@ -20,7 +20,7 @@ paired against the dense ViT. On stop 25's
 machine (AMD EPYC, AVX2; the two seeds sharing it, 0.69 s a step each):
 91.56% / 91.76%; at evaluation C=0.1 (10% of the assignments kept)
 91.66% mean, vanilla and BPR alike, and the top-1 gate stays at 0.13
-(uniform: 0.125), so the experts carry nothing (docs/fashion_mnist.md).
+(uniform: 0.125), so the experts carry nothing (docs/experiments/fashion_mnist.md).
 With 3,000 steps on the earlier machine (2 CPU cores, one device, seed 0, alone on
 the machine): 90.82% test accuracy (dense: 90.30%; seed 1, on a shared
 machine, 90.84%, dense 90.55%); 25.2 min training, 26.6
@@ -48,5 +48,5 @@ def get_config(arg=None):
   config_defaults.apply_moe_preset(config, 'switch')
   moe = config.model.moe
   moe.num_experts = 8
-  moe.layers = '0,2'  # Chosen on :val over blocks 1, 3 (docs/fashion_mnist.md).
+  moe.layers = '0,2'  # Chosen on :val over blocks 1, 3 (docs/experiments/fashion_mnist.md).
   return config

@@ -13,7 +13,7 @@ augmentation, no label smoothing.
 
 `:val` trains on train[:54000] and evaluates on train[54000:] (the held-out
 slice all tuning used; the test split was never looked at while tuning).
-What was tried is in docs/fashion_mnist.md; the README's results table is
+What was tried is in docs/experiments/fashion_mnist.md; the README's results table is
 `python launch/fashion_table.py --table=main`.
 
 Measured (stop 24's 2-core machine, an Intel Xeon with AVX-512/AMX that runs
@@ -43,7 +43,8 @@ def get_config(arg=None):
   width = next((WIDTHS[a] for a in args if a in WIDTHS), 128)
   config.model.patch_size = 4
   config.model.stem = 'conv'
-  config.model.stem_extra_convs = '0,2'  # Two stride-1 convolutions at 7x7 (docs/fashion_mnist.md).
+  # Two stride-1 convolutions at 7x7 (docs/experiments/fashion_mnist.md).
+  config.model.stem_extra_convs = '0,2'
   config.model.width = width
   config.model.depth = 4
   config.model.num_heads = max(1, width // 32)

@@ -18,7 +18,7 @@ step against 0.373 s (1.05x), 36.9 min of training against 35.7 min. The
 evaluation capacity sweep is flat (C=0.1 to 2 within 0.04 points, vanilla
 and BPR alike): keeping 10% of the assignments costs nothing, so at this
 budget its experts in blocks 1 and 3 are worth almost nothing
-(docs/fashion_mnist.md, "Stop 36"). Before (2,600 steps, one stride-1
+(docs/experiments/fashion_mnist.md, "Stop 36"). Before (2,600 steps, one stride-1
 convolution at each resolution, seed 0): 89.52% (dense 89.42%).
 """
 
