@@ -15,9 +15,12 @@ teacher's non-expert weights (the Switch paper's initialisation).
 from vmoe_jax import config_defaults
 
 
+ARGS = ('val', 'w16', 'w32', 'w64', 'w128')  # As configs/fashion_vit.py.
+
+
 def get_config(arg=None):
-  config_defaults.config_arg(arg, (), __file__)
-  config = config_defaults.sibling_config(__file__, 'fashion_vit.py')
+  config_defaults.config_args(arg, ARGS, __file__)
+  config = config_defaults.sibling_config(__file__, 'fashion_vit.py', arg)
   config.distill.alpha = 0.5
   config.distill.temperature = 2.0
   return config

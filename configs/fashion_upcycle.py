@@ -23,10 +23,16 @@ every 100 steps and at step 0.
 from vmoe_jax import config_defaults
 
 
+# ':dense' continues the dense model instead; ':val' and ':w16' ... ':w128' as
+# configs/fashion_vit.py (comma-separated, e.g. ':w32,val').
+ARGS = ('dense', 'val', 'w16', 'w32', 'w64', 'w128')
+
+
 def get_config(arg=None):
-  arg = config_defaults.config_arg(arg, ('dense',), __file__)
-  config = config_defaults.sibling_config(__file__, 'fashion_vit.py')
-  if arg != 'dense':
+  args = config_defaults.config_args(arg, ARGS, __file__)
+  base = ','.join(sorted(args - {'dense'}))
+  config = config_defaults.sibling_config(__file__, 'fashion_vit.py', base)
+  if 'dense' not in args:
     config_defaults.apply_moe_preset(config, 'switch')
     moe = config.model.moe
     moe.num_experts = 8

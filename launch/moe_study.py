@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shlex
 import statistics
@@ -146,6 +147,29 @@ def moe_variants(width: int) -> dict[str, tuple[str, dict]]:
         'model.moe.layers': 'all',
       },
     ),
+    # The other routers at the same placement and expert count.
+    'ec-e32-all': (
+      'fashion_switch.py',
+      {
+        'model.moe.router': 'expert_choice',
+        'model.moe.num_experts': 32,
+        'model.moe.capacity_factor': 1.0,  # One expert per token on average: the dense FLOPs.
+        'model.moe.layers': 'all',
+      },
+    ),
+    'image-e32-all': (
+      'fashion_switch.py',
+      {'model.moe.router': 'image_topk', 'model.moe.num_experts': 32, 'model.moe.layers': 'all'},
+    ),
+    'dropless-e32-all': (
+      'fashion_switch.py',
+      {
+        'model.moe.router': 'dropless',
+        'model.moe.num_experts': 32,
+        'model.moe.layers': 'all',
+        'model.moe.block_size': 16,
+      },
+    ),
   }
 
 
@@ -209,9 +233,10 @@ def train_one(run: Run, root: str, results: str, core: int | None, label: str) -
     wall_seconds=seconds,
     command=shlex.join(['python', *cmd[1:4], *cmd[5:]]),  # Without the local workdir.
   )
-  record['command'] = record['command'].replace(
-    f'--config.init_from={root}/', '--config.init_from='
-  )
+  for key in ('init_from', 'distill.teacher'):
+    record['command'] = record['command'].replace(f'--config.{key}={root}/', f'--config.{key}=')
+  if run.sweep:
+    record['capacity_sweep'] = capacity_sweep(workdir, log_path)
   ledger.write_record(results, record)
   print(
     f'{label} done in {seconds / 60:.1f} min: {run.config} '
@@ -220,6 +245,31 @@ def train_one(run: Run, root: str, results: str, core: int | None, label: str) -
     flush=True,
   )
   return True
+
+
+CAPACITY_SWEEP = (0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+def capacity_sweep(workdir: str, log_path: str) -> list[dict] | None:
+  """`python -m vmoe_jax.evaluate` at CAPACITY_SWEEP: [{capacity_factor, batch_priority,
+  accuracy, kept_share}], or None when it fails (the log says why)."""
+  out = os.path.join(workdir, 'eval_capacity')
+  cmd = [
+    sys.executable,
+    '-m',
+    'vmoe_jax.evaluate',
+    f'--workdir={workdir}',
+    f'--capacity_factors={",".join(map(str, CAPACITY_SWEEP))}',
+    '--nofewshot',
+    f'--output_dir={out}',
+  ]
+  with open(log_path, 'a') as log:
+    if subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO):
+      return None
+  with open(os.path.join(out, 'eval.json')) as f:
+    settings = json.load(f)['settings']
+  keys = ('capacity_factor', 'batch_priority', 'accuracy', 'kept_share')
+  return [{k: s.get(k) for k in keys} for s in settings]
 
 
 def run_queue(runs: list[Run], root: str, results: str, jobs: int) -> int:
