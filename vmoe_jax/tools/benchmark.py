@@ -69,17 +69,27 @@ ROUTER_FIELDS = {
   'dropless': ('num_selected',),
 }
 
-# Dense peak FLOP/s by device kind and compute dtype (vendor figures, no sparsity).
+# Dense peak FLOP/s of one device by device kind and compute dtype (vendor
+# figures, no sparsity). `peak_flops` takes the first kind that is a substring
+# of `jax.Device.device_kind`, so the specific kinds come before 'H100'.
 PEAK_FLOPS = {
-  ('H100', 'bfloat16'): 989e12,
+  ('H100 PCIe', 'bfloat16'): 756e12,
+  ('H100 PCIe', 'float32'): 378e12,
+  ('H100 NVL', 'bfloat16'): 835e12,
+  ('H100 NVL', 'float32'): 418e12,
+  ('H200 NVL', 'bfloat16'): 835e12,
+  ('H200 NVL', 'float32'): 418e12,
+  ('H100', 'bfloat16'): 989e12,  # SXM: 'NVIDIA H100 80GB HBM3'.
   ('H100', 'float32'): 494e12,  # TF32 tensor cores, XLA's default for float32 dots.
   ('H200', 'bfloat16'): 989e12,
   ('H200', 'float32'): 494e12,
   ('A100', 'bfloat16'): 312e12,
   ('A100', 'float32'): 156e12,
   ('TPU v4', 'bfloat16'): 275e12,
-  ('TPU v5 lite', 'bfloat16'): 197e12,
+  ('TPU v5 lite', 'bfloat16'): 197e12,  # v5e.
   ('TPU v5p', 'bfloat16'): 459e12,
+  ('TPU v5', 'bfloat16'): 459e12,  # v5p reports 'TPU v5'.
+  ('TPU v6 lite', 'bfloat16'): 918e12,  # v6e.
 }
 
 
@@ -227,7 +237,12 @@ def check_cases(settings: BenchSettings, cases: list[Case]) -> None:
 
 @dataclasses.dataclass
 class BuiltCase:
-  """A case ready to run: its model on `mesh`, initial state, a random batch, the step."""
+  """A case ready to run: its model on `mesh`, initial state, a random batch, the step.
+
+  Built with `abstract=True`, `state` and `batch` are their shapes
+  (`jax.ShapeDtypeStruct`s with shardings, enough to lower and compile) until
+  the caller sets them, e.g. to `init_fn(0)` and `random_batch(settings, mesh)`.
+  """
 
   case: Case
   config: Any
@@ -237,35 +252,62 @@ class BuiltCase:
   batch: dict[str, jax.Array]
   train_step: Callable  # Jitted (state, batch) -> (state, metrics); donates the state.
   image_shape: tuple[int, int, int]
+  init_fn: Callable | None = None  # Jitted seed (static) -> the initial state on `mesh`.
 
 
-def build_case(settings: BenchSettings, case: Case) -> BuiltCase:
-  """Model, optimizer, initial state and a random batch of one case."""
-  config = case_config(settings, case)
-  spec = MoeSpec.from_config(config)
-  mesh = sharding.create_mesh(config.mesh.expert, case.num_experts)
-  model = factory.create_model(config, NUM_CLASSES, mesh, moe=spec)
-  schedule = schedules.create_learning_rate_schedule(peak_value=1e-3, total_steps=10**6)
-  tx, init_fn, _, shardings = train_steps.create_train_state(
-    model,
-    lambda params, mask: optim.create_optimizer(config, schedule, params, mask),
-    mesh,
-    settings.image_shape,
-  )
+def random_batch(settings: BenchSettings, mesh) -> dict[str, jax.Array]:
+  """A random batch of `settings.batch_size` images and labels, split over `mesh`."""
   rng = np.random.default_rng(0)
-  batch = sharding.global_batch(
+  return sharding.global_batch(
     {
       'image': rng.normal(size=(settings.batch_size, *settings.image_shape)).astype(np.float32),
       'label': rng.integers(0, NUM_CLASSES, size=settings.batch_size).astype(np.int32),
     },
     mesh,
   )
+
+
+def abstract_batch(settings: BenchSettings, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes, dtypes and shardings of `random_batch`."""
+  split = sharding.batch_sharding(mesh)
+  return {
+    'image': jax.ShapeDtypeStruct(
+      (settings.batch_size, *settings.image_shape), np.float32, sharding=split
+    ),
+    'label': jax.ShapeDtypeStruct((settings.batch_size,), np.int32, sharding=split),
+  }
+
+
+def build_case(
+  settings: BenchSettings, case: Case, *, config=None, devices=None, abstract: bool = False
+) -> BuiltCase:
+  """Model, optimizer, initial state and a random batch of one case.
+
+  config: the case's config (default `case_config(settings, case)`); devices:
+  those of the mesh (default all); abstract: shapes for the state and the
+  batch (see `BuiltCase`), nothing placed on a device.
+  """
+  config = case_config(settings, case) if config is None else config
+  spec = MoeSpec.from_config(config)
+  mesh = sharding.create_mesh(config.mesh.expert, case.num_experts, devices)
+  model = factory.create_model(config, NUM_CLASSES, mesh, moe=spec)
+  schedule = schedules.create_learning_rate_schedule(peak_value=1e-3, total_steps=10**6)
+  tx, init_fn, abstract_state, shardings = train_steps.create_train_state(
+    model,
+    lambda params, mask: optim.create_optimizer(config, schedule, params, mask),
+    mesh,
+    settings.image_shape,
+  )
   step = jax.jit(
     functools.partial(train_steps.train_step, model=model, tx=tx, schedule=schedule),
     donate_argnums=0,
     out_shardings=(shardings, None),
   )
-  return BuiltCase(case, config, mesh, model, init_fn(0), batch, step, settings.image_shape)
+  if abstract:
+    state, batch = abstract_state, abstract_batch(settings, mesh)
+  else:
+    state, batch = init_fn(0), random_batch(settings, mesh)
+  return BuiltCase(case, config, mesh, model, state, batch, step, settings.image_shape, init_fn)
 
 
 def case_flops(settings: BenchSettings, model, num_devices: int) -> dict[str, float]:
@@ -288,25 +330,41 @@ class PreparedCase:
   run_once: Callable[[], Any]
 
 
-def prepare_case(built: BuiltCase, mode: str) -> PreparedCase:
-  """Compiles a built case in `mode` ('train' or 'inference'); train steps advance its state."""
-  model, batch = built.model, built.batch
-  start = time.perf_counter()
+def lower_case(built: BuiltCase, mode: str):
+  """The lowered step of a built case in `mode` ('train' or 'inference')."""
   if mode == 'train':
-    compiled = built.train_step.lower(built.state, batch).compile()
+    return built.train_step.lower(built.state, built.batch)
+  model = built.model
+  forward = jax.jit(lambda params, images: model.apply({'params': params}, images, train=False)[0])
+  return forward.lower(built.state.params, built.batch['image'])
+
+
+def prepared_case(built: BuiltCase, mode: str, compiled, compile_seconds: float) -> PreparedCase:
+  """A case with its compiled step: `run_once` runs it on the case's state and batch of the moment.
+
+  Train steps advance `built.state`.
+  """
+  if mode == 'train':
 
     def run_once():
-      built.state, metrics = compiled(built.state, batch)
+      built.state, metrics = compiled(built.state, built.batch)
       return metrics['train/loss']
 
   else:
-    forward = jax.jit(
-      lambda params, images: model.apply({'params': params}, images, train=False)[0]
-    )
-    compiled = forward.lower(built.state.params, batch['image']).compile()
-    run_once = functools.partial(compiled, built.state.params, batch['image'])
-  seconds = time.perf_counter() - start
-  return PreparedCase(built.case, mode, built.mesh, model, compiled, seconds, run_once)
+
+    def run_once():
+      return compiled(built.state.params, built.batch['image'])
+
+  return PreparedCase(
+    built.case, mode, built.mesh, built.model, compiled, compile_seconds, run_once
+  )
+
+
+def prepare_case(built: BuiltCase, mode: str) -> PreparedCase:
+  """Compiles a built case in `mode` ('train' or 'inference'); train steps advance its state."""
+  start = time.perf_counter()
+  compiled = lower_case(built, mode).compile()
+  return prepared_case(built, mode, compiled, time.perf_counter() - start)
 
 
 def _time_once(run_once) -> float:
@@ -346,10 +404,18 @@ def _xla_bytes(compiled) -> int | None:
   )
 
 
+def xla_peak_bytes(compiled) -> int | None:
+  """XLA's peak memory of a compiled program (its buffer assignment), where reported."""
+  memory = compiled.memory_analysis()
+  peak = getattr(memory, 'peak_memory_in_bytes', None) if memory is not None else None
+  return int(peak) if peak else None
+
+
 def case_row(settings: BenchSettings, prepared: PreparedCase, times: list[float], alone: bool):
   """The row of a prepared case timed `times` (seconds per step).
 
   `alone`: the case ran by itself, so the device's peak memory is its own.
+  MFU: the step's analytic FLOPs per second over the peak of the mesh's devices.
   """
   case, mesh = prepared.case, prepared.mesh
   device = jax.devices()[0]
@@ -375,9 +441,10 @@ def case_row(settings: BenchSettings, prepared: PreparedCase, times: list[float]
     'images_per_sec': settings.batch_size / median,
     'compile_seconds': prepared.compile_seconds,
     'xla_memory_bytes': _xla_bytes(prepared.compiled),
+    'xla_peak_bytes': xla_peak_bytes(prepared.compiled),
     'device_peak_bytes_in_use': peak_in_use,
     'gflops_per_image_fwd': fwd / 1e9,
-    'mfu': step_flops / median / peak if peak else None,
+    'mfu': step_flops / median / (peak * mesh.size) if peak else None,
     'mesh': dict(mesh.shape),
   }
 
