@@ -128,3 +128,25 @@ def test_sharded_ragged_layer_matches_the_unsharded_block_path(shards):
   for name in params:
     np.testing.assert_allclose(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, err_msg=name)
   np.testing.assert_allclose(metrics['expert_load'], ref_metrics['expert_load'], rtol=1e-6)
+
+
+def test_ragged_bias_gradients_in_bfloat16_are_summed_in_float32():
+  """512 rows of one expert: the bias gradient is the sum of 512 row gradients."""
+  params = expert_params()
+  rows = jax.random.normal(jax.random.key(5), (512, WIDTH))
+  expert = jnp.zeros((512,), jnp.int32)
+  cotangent = jax.random.normal(jax.random.key(6), (512, WIDTH))
+
+  def bias_grads(dtype):
+    def loss(p):
+      out = dropless.grouped_mlp(rows, expert, p, block_size=4, dtype=dtype, impl='ragged')
+      return jnp.sum(out.astype(jnp.float32) * cotangent)
+
+    return jax.jit(jax.grad(loss))(params)['bo'][0]
+
+  exact = np.asarray(bias_grads(jnp.float32))  # The sum of the cotangent's rows.
+  np.testing.assert_allclose(exact, np.asarray(cotangent).sum(0), rtol=1e-5, atol=1e-4)
+  # In bfloat16 each row's cotangent is rounded (the output is bfloat16), but
+  # their sum must be exact: a bfloat16 scatter-add would round 512 partial sums.
+  rounded = np.asarray(cotangent.astype(jnp.bfloat16).astype(jnp.float32), np.float64).sum(0)
+  np.testing.assert_allclose(np.asarray(bias_grads(jnp.bfloat16)), rounded, rtol=1e-3, atol=1e-3)
