@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -195,10 +196,15 @@ QUEUES = {'screen': queue_screen}
 # --------------------------------------------------------------------------- running
 
 
-def _pin(core: int | None):
-  if core is None or not hasattr(os, 'sched_setaffinity'):
-    return None
-  return lambda: os.sched_setaffinity(0, {core})
+def _pinned(cmd: list[str], core: int | None) -> list[str]:
+  """`cmd` on one CPU core (taskset), so that parallel runs do not share cores.
+
+  Not a preexec_fn: this process has JAX's threads running (it writes the
+  records), and Python code between fork and exec could deadlock on them.
+  """
+  if core is None or shutil.which('taskset') is None:
+    return cmd
+  return ['taskset', '-c', str(core), *cmd]
 
 
 def train_one(run: Run, root: str, results: str, core: int | None, label: str) -> bool:
@@ -215,9 +221,7 @@ def train_one(run: Run, root: str, results: str, core: int | None, label: str) -
   start = time.perf_counter()
   print(f'{label} start: {shlex.join(cmd[2:])}', flush=True)
   with open(log_path, 'a') as log:
-    code = subprocess.call(
-      cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=_pin(core)
-    )
+    code = subprocess.call(_pinned(cmd, core), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
   seconds = time.perf_counter() - start
   if code:
     print(f'{label} FAILED (exit {code}): see {log_path}', flush=True)
