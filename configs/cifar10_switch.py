@@ -16,12 +16,12 @@ Run locally (2 CPU cores):
   python -m vmoe_jax.main --config=configs/cifar10_switch.py:local --workdir=/tmp/c10s_local
 """
 
-from vmoe_jax import config_defaults
+from vmoe_jax.schema import defaults
 
 
 def get_config(arg=None):
-  arg = config_defaults.config_arg(arg, ('local',), __file__)
-  config = config_defaults.get_config()
+  arg = defaults.config_arg(arg, ('local',), __file__)
+  config = defaults.get_config()
 
   # Model: 240.9M parameters at 32 experts (see README, "Parameter counts").
   config.model.patch_size = 4
@@ -35,7 +35,7 @@ def get_config(arg=None):
 
   # Mixture of experts: Switch (Fedus et al. 2021) in every block; the seed
   # trains at capacity 1.0 (the preset's 1.25 is the paper's).
-  config_defaults.apply_moe_preset(config, 'switch')
+  defaults.apply_moe_preset(config, 'switch')
   moe = config.model.moe
   moe.num_experts = 32
   moe.layers = 'all'
@@ -67,5 +67,5 @@ def get_config(arg=None):
   config.train.checkpoint_every = 1000
 
   if arg == 'local':  # A tiny run to check the setup on a laptop-class CPU.
-    config_defaults.shrink_for_local_run(config)
+    defaults.shrink_for_local_run(config)
   return config

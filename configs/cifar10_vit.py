@@ -10,12 +10,12 @@ Run locally (2 CPU cores, a few minutes, on mocked-size settings):
   python -m vmoe_jax.main --config=configs/cifar10_vit.py:local --workdir=/tmp/c10_local
 """
 
-from vmoe_jax import config_defaults
+from vmoe_jax.schema import defaults
 
 
 def get_config(arg=None):
-  arg = config_defaults.config_arg(arg, ('local',), __file__)
-  config = config_defaults.get_config()
+  arg = defaults.config_arg(arg, ('local',), __file__)
+  config = defaults.get_config()
 
   # Model: 11.8M parameters (see README, "Parameter counts").
   config.model.patch_size = 4
@@ -53,5 +53,5 @@ def get_config(arg=None):
   config.train.checkpoint_every = 1000
 
   if arg == 'local':  # A tiny run to check the setup on a laptop-class CPU.
-    config_defaults.shrink_for_local_run(config)
+    defaults.shrink_for_local_run(config)
   return config

@@ -16,12 +16,12 @@ Run locally (2 CPU cores):
   python -m vmoe_jax.main --config=configs/cifar10_vmoe.py:local --workdir=/tmp/c10v_local
 """
 
-from vmoe_jax import config_defaults
+from vmoe_jax.schema import defaults
 
 
 def get_config(arg=None):
-  arg = config_defaults.config_arg(arg, ('local',), __file__)
-  config = config_defaults.get_config()
+  arg = defaults.config_arg(arg, ('local',), __file__)
+  config = defaults.get_config()
 
   # Model: the seed's ViT size, MoE in blocks 1, 3, ..., 11.
   config.model.patch_size = 4
@@ -35,7 +35,7 @@ def get_config(arg=None):
 
   # V-MoE (Riquelme et al. 2021): K=2, capacity 1.05, BPR, noise 1/E,
   # importance and load losses, every other block.
-  config_defaults.apply_moe_preset(config, 'vmoe')
+  defaults.apply_moe_preset(config, 'vmoe')
   moe = config.model.moe
   moe.num_experts = 32
   moe.group_size = 8  # Images per routing group (V-MoE paper): independent of the devices.
@@ -62,5 +62,5 @@ def get_config(arg=None):
   config.train.checkpoint_every = 1000
 
   if arg == 'local':  # A tiny run to check the setup on a laptop-class CPU.
-    config_defaults.shrink_for_local_run(config)
+    defaults.shrink_for_local_run(config)
   return config

@@ -26,12 +26,12 @@ At 8x8 pixels the model sees a 2x2 token grid through a stem trained on
 at 10 per class, -0.83 on all images).
 """
 
-from vmoe_jax import config_defaults
+from vmoe_jax.schema import defaults
 
 
 def get_config(arg=None):
-  arg = config_defaults.config_arg(arg, ('10shot',), __file__)
-  config = config_defaults.sibling_config(__file__, 'fashion_vit.py')
+  arg = defaults.config_arg(arg, ('10shot',), __file__)
+  config = defaults.sibling_config(__file__, 'fashion_vit.py')
   config.input.dataset = 'digits'
   config.input.train_split = 'train'
   config.input.test_split = 'test'

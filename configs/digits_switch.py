@@ -8,12 +8,12 @@ factor 1.25 (2.0 at evaluation); trains in about two minutes on 2 CPU cores:
 Data: 1,438 train / 359 test images (fixed split, see input_pipeline.py).
 """
 
-from vmoe_jax import config_defaults
+from vmoe_jax.schema import defaults
 
 
 def get_config(arg=None):
-  config_defaults.config_arg(arg, (), __file__)  # This file takes no argument.
-  config = config_defaults.get_config()
+  defaults.config_arg(arg, (), __file__)  # This file takes no argument.
+  config = defaults.get_config()
 
   # Model: 2x2 patches -> 16 tokens, global average pooling.
   config.model.patch_size = 2
@@ -26,7 +26,7 @@ def get_config(arg=None):
 
   # Mixture of experts: Switch routing (K=1, capacity 1.25 / 2.0 at
   # evaluation, load balancing 0.01) in blocks 1 and 3.
-  config_defaults.apply_moe_preset(config, 'switch')
+  defaults.apply_moe_preset(config, 'switch')
   moe = config.model.moe
   moe.num_experts = 8
   moe.layers = 'every_2'

@@ -7,12 +7,12 @@ Trains in about two minutes on 2 CPU cores (~98% test accuracy):
 Data: 1,438 train / 359 test images (fixed split, see input_pipeline.py).
 """
 
-from vmoe_jax import config_defaults
+from vmoe_jax.schema import defaults
 
 
 def get_config(arg=None):
-  config_defaults.config_arg(arg, (), __file__)  # This file takes no argument.
-  config = config_defaults.get_config()
+  defaults.config_arg(arg, (), __file__)  # This file takes no argument.
+  config = defaults.get_config()
 
   # Model: 2x2 patches -> 16 tokens, global average pooling.
   config.model.patch_size = 2

@@ -12,12 +12,12 @@ step; its baseline is configs/fashion_vit.py itself (same steps, seed).
 teacher's non-expert weights (the Switch paper's initialisation).
 """
 
-from vmoe_jax import config_defaults
+from vmoe_jax.schema import defaults
 
 
 def get_config(arg=None):
-  config_defaults.config_arg(arg, (), __file__)
-  config = config_defaults.sibling_config(__file__, 'fashion_vit.py')
+  defaults.config_arg(arg, (), __file__)
+  config = defaults.sibling_config(__file__, 'fashion_vit.py')
   config.distill.alpha = 0.5
   config.distill.temperature = 2.0
   return config

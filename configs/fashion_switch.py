@@ -37,15 +37,15 @@ Soft MoE at the same FLOPs (+2.6%): `--config.model.moe.router=soft
 ViT's seeds), 1.07x the dense step when run side by side.
 """
 
-from vmoe_jax import config_defaults
+from vmoe_jax.schema import defaults
 
 ARGS = ('val', 'w16', 'w32', 'w64', 'w128')  # As configs/fashion_vit.py.
 
 
 def get_config(arg=None):
-  config_defaults.config_args(arg, ARGS, __file__)
-  config = config_defaults.sibling_config(__file__, 'fashion_vit.py', arg)
-  config_defaults.apply_moe_preset(config, 'switch')
+  defaults.config_args(arg, ARGS, __file__)
+  config = defaults.sibling_config(__file__, 'fashion_vit.py', arg)
+  defaults.apply_moe_preset(config, 'switch')
   moe = config.model.moe
   moe.num_experts = 8
   moe.layers = '0,2'  # Chosen on :val over blocks 1, 3 (docs/fashion_mnist.md).

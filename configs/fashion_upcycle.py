@@ -20,14 +20,14 @@ steps at a lower learning rate (5e-4, 50 warmup steps, cosine), evaluated
 every 100 steps and at step 0.
 """
 
-from vmoe_jax import config_defaults
+from vmoe_jax.schema import defaults
 
 
 def get_config(arg=None):
-  arg = config_defaults.config_arg(arg, ('dense',), __file__)
-  config = config_defaults.sibling_config(__file__, 'fashion_vit.py')
+  arg = defaults.config_arg(arg, ('dense',), __file__)
+  config = defaults.sibling_config(__file__, 'fashion_vit.py')
   if arg != 'dense':
-    config_defaults.apply_moe_preset(config, 'switch')
+    defaults.apply_moe_preset(config, 'switch')
     moe = config.model.moe
     moe.num_experts = 8
     moe.layers = '0,2'

@@ -28,7 +28,7 @@ stop 32's (an Intel Xeon with AVX-512, alone): seed 0 the same 91.73%,
 (mean of the three seeds 91.73 +- 0.06%).
 """
 
-from vmoe_jax import config_defaults
+from vmoe_jax.schema import defaults
 
 # ':wN' arguments: the model at width N (depth 4, MLP 4N, heads of width 32),
 # the recipe otherwise; ':w128' is the default model.
@@ -37,8 +37,8 @@ ARGS = ('val', *WIDTHS)
 
 
 def get_config(arg=None):
-  args = config_defaults.config_args(arg, ARGS, __file__)
-  config = config_defaults.get_config()
+  args = defaults.config_args(arg, ARGS, __file__)
+  config = defaults.get_config()
 
   width = next((WIDTHS[a] for a in args if a in WIDTHS), 128)
   config.model.patch_size = 4

@@ -22,15 +22,15 @@ budget its experts in blocks 1 and 3 are worth almost nothing
 convolution at each resolution, seed 0): 89.52% (dense 89.42%).
 """
 
-from vmoe_jax import config_defaults
+from vmoe_jax.schema import defaults
 
 ARGS = ('val', 'w16', 'w32', 'w64', 'w128')  # As configs/fashion_vit.py.
 
 
 def get_config(arg=None):
-  config_defaults.config_args(arg, ARGS, __file__)
-  config = config_defaults.sibling_config(__file__, 'fashion_vit.py', arg)
-  config_defaults.apply_moe_preset(config, 'vmoe')
+  defaults.config_args(arg, ARGS, __file__)
+  config = defaults.sibling_config(__file__, 'fashion_vit.py', arg)
+  defaults.apply_moe_preset(config, 'vmoe')
   moe = config.model.moe
   moe.num_experts = 8
   moe.layers = 'every_2'

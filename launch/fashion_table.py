@@ -11,7 +11,7 @@ seed (`--config.seed=S`), one run after another, in WORKDIR/<row>/seed=<S>
 of the first seed before the next seed. Then:
 
   * WORKDIR/table.md, table.json: per row, the model, its parameters, active
-    GFLOPs per image (`vmoe_jax.flops`, forward), test accuracy as mean +-
+    GFLOPs per image (`vmoe_jax.models.flops`, forward), test accuracy as mean +-
     standard deviation over the seeds (and each seed's value), the training
     loop's wall time and the whole command's (compilation and evaluation
     included) and training images per second of the first seed's run (the
@@ -177,9 +177,9 @@ def train_all(
 
 def run_row(workdir: str) -> dict | None:
   """Figures of one finished run (None if it has not finished)."""
-  from vmoe_jax import flops  # pylint: disable=g-import-not-at-top
   from vmoe_jax import inference  # pylint: disable=g-import-not-at-top
   from vmoe_jax.models import factory  # pylint: disable=g-import-not-at-top
+  from vmoe_jax.models import flops  # pylint: disable=g-import-not-at-top
 
   path = os.path.join(workdir, 'results.json')
   if not os.path.exists(path):
@@ -210,7 +210,7 @@ def run_row(workdir: str) -> dict | None:
 
 
 def _describe(config) -> str:
-  from vmoe_jax import results  # pylint: disable=g-import-not-at-top
+  from vmoe_jax.storage import results  # pylint: disable=g-import-not-at-top
 
   return results.model_name(json.loads(config.to_json_best_effort()))
 

@@ -59,9 +59,9 @@ class Run:
 
 def parse_sweep(specs: list[str]) -> dict[str, list[str]]:
   """['model.moe.num_experts=4,8', ...] -> {'model.moe.num_experts': ['4', '8'], ...}."""
-  from vmoe_jax import config_defaults  # pylint: disable=g-import-not-at-top
+  from vmoe_jax.schema import defaults  # pylint: disable=g-import-not-at-top
 
-  known = config_defaults.all_keys()
+  known = defaults.all_keys()
   sweep = {}
   for spec in specs:
     key, sep, values = spec.partition('=')
@@ -69,7 +69,7 @@ def parse_sweep(specs: list[str]) -> dict[str, list[str]]:
     if not sep or not key or not values.strip():
       raise SweepError(f'--sweep {spec!r} is not key=v1,v2,...; e.g. {EXPERTS_KEY}=4,8,16.')
     if key not in known:
-      raise SweepError(config_defaults.unknown_key_message(key, known))
+      raise SweepError(defaults.unknown_key_message(key, known))
     if key in sweep:
       raise SweepError(f'--sweep names {key} twice; give all its values in one list.')
     sweep[key] = [v.strip() for v in values.split(',') if v.strip()]
@@ -193,7 +193,7 @@ def launch(args, runs: list[Run], fixed: list[str]) -> list[str]:
 
 def collect(sweep: dict[str, list[str]], runs: list[Run]) -> list[dict]:
   """Result rows of the finished runs, labelled by the swept values other than experts."""
-  from vmoe_jax import results  # pylint: disable=g-import-not-at-top
+  from vmoe_jax.storage import results  # pylint: disable=g-import-not-at-top
 
   names = _short_names(list(sweep))
   order = {k: {v: i for i, v in enumerate(values)} for k, values in sweep.items()}
@@ -251,7 +251,7 @@ def aggregate(
   sweep: dict[str, list[str]], runs: list[Run], root: str, title: str = 'sweep'
 ) -> list[dict]:
   """Writes results.md, results.csv and results.png in `root`; returns the rows."""
-  from vmoe_jax import results  # pylint: disable=g-import-not-at-top
+  from vmoe_jax.storage import results  # pylint: disable=g-import-not-at-top
 
   rows = collect(sweep, runs)
   if not rows:
@@ -324,7 +324,7 @@ def main(argv: list[str]) -> int:
   title = f'{args.config}: ' + ', '.join(_short_names(list(sweep)).values())
   rows = aggregate(sweep, runs, args.workdir, title)
   if rows:
-    from vmoe_jax import results  # pylint: disable=g-import-not-at-top
+    from vmoe_jax.storage import results  # pylint: disable=g-import-not-at-top
 
     print()
     print(results.markdown_table(rows), end='')

@@ -25,11 +25,11 @@ from checkpoint_surgery import flip_byte
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vmoe_jax import checkpoint_integrity
-from vmoe_jax import checkpointing
 from vmoe_jax import inference
-from vmoe_jax import workdirs
 from vmoe_jax.errors import UserError
+from vmoe_jax.storage import checkpointing
+from vmoe_jax.storage import integrity
+from vmoe_jax.storage import workdirs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -206,14 +206,14 @@ def _all_bit_flips(x: np.ndarray) -> np.ndarray:
 def test_every_single_bit_flip_changes_the_checksum(dtype):
   x = np.asarray(jax.random.normal(jax.random.key(0), (4, 16)), dtype)
   flipped = _all_bit_flips(x)
-  sums = np.asarray(jax.jit(jax.vmap(checkpoint_integrity._leaf_sums))(flipped))
-  reference = np.asarray(checkpoint_integrity._leaf_sums(jnp.asarray(x)))
+  sums = np.asarray(jax.jit(jax.vmap(integrity._leaf_sums))(flipped))
+  reference = np.asarray(integrity._leaf_sums(jnp.asarray(x)))
   assert len(flipped) == x.size * jnp.dtype(dtype).itemsize * 8
   assert np.all(sums[:, 0] != reference[0])  # Odd multipliers: every flip shows.
   assert np.all(sums[:, 1] != reference[1])  # So does the second sum.
   assert len({tuple(s[:2]) for s in sums}) == len(sums)  # And no two flips collide.
   # Through the public function, NaN and inf flips are also counted as non-finite.
-  checksums, nonfinite = checkpoint_integrity.array_checksums({'x': x})
+  checksums, nonfinite = integrity.array_checksums({'x': x})
   assert checksums['x'] == f'{reference[0]:08x}{reference[1]:08x}' and nonfinite == {'x': 0}
   assert sum(sums[:, 2]) == sum(not np.isfinite(np.asarray(f, np.float32)).all() for f in flipped)
 
@@ -229,7 +229,7 @@ def test_checksums_are_the_same_on_every_mesh():
     'step': jnp.int32(7),
   }
   one = jax.device_put(tree, jax.devices()[0])
-  reference = checkpoint_integrity.array_checksums(one)
+  reference = integrity.array_checksums(one)
   mesh = jax.make_mesh((2, 4), ('data', 'expert'))
   for spec in (P('expert'), P('data', 'expert'), P(('data', 'expert')), P()):
 
@@ -238,10 +238,10 @@ def test_checksums_are_the_same_on_every_mesh():
       return jax.device_put(x, NamedSharding(mesh, spec))
 
     sharded = jax.tree.map(place, tree)
-    assert checkpoint_integrity.array_checksums(sharded) == reference, spec
+    assert integrity.array_checksums(sharded) == reference, spec
   assert reference[0]['step'].startswith('00000007')  # 7 * (2 * 0 + 1).
   host = jax.device_get({k: v for k, v in tree.items() if k != 'typed_key'})
-  assert checkpoint_integrity.array_checksums(host)[0] == {
+  assert integrity.array_checksums(host)[0] == {
     k: v for k, v in reference[0].items() if k != 'typed_key'
   }
 
@@ -252,7 +252,7 @@ def test_checkpoint_of_8_devices_verifies_on_1(run_dir):
   assert restored.mesh.size == 1
   with open(os.path.join(run_dir, 'checkpoints', '20', 'meta', 'metadata')) as f:
     meta = json.load(f)
-  checksums, _ = checkpoint_integrity.array_checksums({'params': restored.params})
+  checksums, _ = integrity.array_checksums({'params': restored.params})
   assert checksums and all(meta['checksums'][k] == v for k, v in checksums.items())
 
 
@@ -282,7 +282,7 @@ def test_nonfinite_params_are_neither_saved_nor_restored(run_dir, tmp_path, capl
   manager.close()
   assert not (workdir / 'checkpoints' / '21').exists()
   # Written anyway (checksums that match the NaNs): refused on restore, naming the array.
-  checksums, _ = checkpoint_integrity.array_checksums({'params': bad})
+  checksums, _ = integrity.array_checksums({'params': bad})
   meta = {'step': 22, 'checksums': checksums, 'checksum_version': 1}
   _write(workdir, 22, {'params': bad}, meta)
   with pytest.raises(UserError, match=r'checkpoints/22 is corrupt: params/head/kernel holds 2 non'):

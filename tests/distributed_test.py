@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from vmoe_jax import config_defaults
-from vmoe_jax import distributed
 from vmoe_jax.errors import UserError
+from vmoe_jax.runtime import distributed
+from vmoe_jax.schema import defaults
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -160,7 +160,7 @@ def test_coordinator_that_comes_up_late_is_waited_for():
 
 
 def test_batch_must_split_over_processes():
-  config = config_defaults.get_config()
+  config = defaults.get_config()
   config.input.batch_size = 126
   distributed.check_batch(config, 2)
   with pytest.raises(UserError) as info:

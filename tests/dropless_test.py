@@ -14,10 +14,10 @@ import pytest
 from jax.sharding import NamedSharding
 from moe_reference_test import reference_layer
 
-from vmoe_jax import sharding
 from vmoe_jax.moe import dropless
 from vmoe_jax.moe import layer
 from vmoe_jax.moe.spec import MoeSpec
+from vmoe_jax.runtime import sharding
 
 EXPERTS, WIDTH, HIDDEN = 4, 8, 16
 

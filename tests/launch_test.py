@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from vmoe_jax import config_defaults
+from vmoe_jax.schema import defaults
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, 'launch')
@@ -272,7 +272,7 @@ def test_sweep_prints_why_each_run_failed(tmp_path):
 def fake_run(workdir, experts, selected, accuracy, step_seconds):
   """A finished run's workdir: config.json, dataset.json, results.json."""
   os.makedirs(workdir)
-  config = config_defaults.get_config()
+  config = defaults.get_config()
   config.model.update(width=64, depth=4, num_heads=4, mlp_dim=128, patch_size=2)
   config.model.moe.update(num_experts=experts, num_selected=selected)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:

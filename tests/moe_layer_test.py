@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from vmoe_jax import sharding
 from vmoe_jax.errors import UserError
 from vmoe_jax.models import vit
 from vmoe_jax.moe import layer
@@ -18,6 +17,7 @@ from vmoe_jax.moe import plans
 from vmoe_jax.moe import routers
 from vmoe_jax.moe import routing
 from vmoe_jax.moe.spec import MoeSpec
+from vmoe_jax.runtime import sharding
 
 NUM_EXPERTS = 8
 

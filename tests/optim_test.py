@@ -5,13 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vmoe_jax import config_defaults
-from vmoe_jax import optim
 from vmoe_jax.errors import UserError
+from vmoe_jax.optim import optimizers
+from vmoe_jax.schema import defaults
 
 
 def make(name, lr=0.1, beta1=0.9, wd=0.0, head_wd=0.0, clip=0.0):
-  config = config_defaults.get_config()
+  config = defaults.get_config()
   config.optimizer.name = name
   config.optimizer.learning_rate = lr
   config.optimizer.beta1 = beta1
@@ -38,7 +38,7 @@ def test_adafactor_two_hand_worked_steps():
   # the momentum as stored, in bfloat16.
   # Step 1: beta2 = min(0.999, 1 - 1^-0.8) = 0 -> v = 4, u = 1; m = bf16(0.1).
   # Step 2: beta2 = 1 - 2^-0.8; v = 4, u = 1; m = bf16(0.9 * m1 + 0.1).
-  tx = optim.create_optimizer(make('adafactor'), constant(0.1), {'w': jnp.ones(())})
+  tx = optimizers.create_optimizer(make('adafactor'), constant(0.1), {'w': jnp.ones(())})
   params = {'w': jnp.array(1.0)}
   p1, state = run(tx, params, [{'w': jnp.array(2.0)}])
   m1 = float(jnp.bfloat16(0.1))
@@ -53,7 +53,7 @@ def test_adafactor_beta2_schedule():
   # With g = 1 then g = 3, the second moment after step 2 is
   # beta2 * 1 + (1 - beta2) * 9 with beta2 = 1 - 2^-0.8.
   # learning rate -1 and no momentum: the update is the direction g / sqrt(v).
-  tx = optim.adafactor(lambda t: -1.0, beta1=0.0)
+  tx = optimizers.adafactor(lambda t: -1.0, beta1=0.0)
   params = {'w': jnp.zeros(())}
   state = tx.init(params)
   _, state = tx.update({'w': jnp.array(1.0)}, state)
@@ -71,7 +71,7 @@ def test_factored_second_moment_is_exact_for_rank_one_gradients():
   a = jnp.arange(1.0, 129.0)
   b = jnp.linspace(0.5, 2.0, 160)
   grads = {'kernel': jnp.outer(a, b)}
-  tx = optim.adafactor(lambda t: -1.0, beta1=0.0, min_dim=128)
+  tx = optimizers.adafactor(lambda t: -1.0, beta1=0.0, min_dim=128)
   state = tx.init(grads)
   assert state.v_row['kernel'].shape == (128,) and state.v_col['kernel'].shape == (160,)
   assert state.v['kernel'].shape == (1,)  # No full second moment.
@@ -87,15 +87,15 @@ def test_expert_axis_is_never_factored():
     'small': jnp.zeros((300, 12, 25)),
   }
   mask = {'wi': True, 'bi': True, 'dense': False, 'small': False}
-  state = optim.adafactor(lambda t: 1.0, expert_mask=mask, min_dim=128).init(params)
+  state = optimizers.adafactor(lambda t: 1.0, expert_mask=mask, min_dim=128).init(params)
   assert state.v_row['wi'].shape == (4, 128) and state.v_col['wi'].shape == (4, 256)
   assert state.v['bi'].shape == (4, 256)  # (E, H): experts axis kept, nothing to factor.
   assert state.v_row['dense'].shape == (256,) and state.v_col['dense'].shape == (128,)
   assert state.v['small'].shape == (300, 12, 25)  # Second largest axis 25 < 128.
   # Without the mask the largest axes of a (4, 128, 256) weight are 128 and 256 too,
   # but a (64, 200) expert bias would be factored over the experts axis.
-  assert optim.factored_axes((64, 200), 64, skip_leading=False) == (0, 1)
-  assert optim.factored_axes((64, 200), 64, skip_leading=True) is None
+  assert optimizers.factored_axes((64, 200), 64, skip_leading=False) == (0, 1)
+  assert optimizers.factored_axes((64, 200), 64, skip_leading=True) is None
 
 
 def test_adamw_and_decoupled_weight_decay():
@@ -105,7 +105,7 @@ def test_adamw_and_decoupled_weight_decay():
     'body': {'kernel': jnp.ones(()), 'bias': jnp.ones(())},
   }
   config = make('adamw', lr=0.1, wd=0.01, head_wd=0.5)
-  tx = optim.create_optimizer(config, constant(0.1), params)
+  tx = optimizers.create_optimizer(config, constant(0.1), params)
   grads = jax.tree.map(lambda p: jnp.full_like(p, 3.0), params)
   new, _ = run(tx, params, [grads])
   np.testing.assert_allclose(new['body']['kernel'], 1 - 0.1 - 0.01, rtol=1e-5)
@@ -123,7 +123,7 @@ def test_weight_decay_follows_the_schedule_shape_not_the_learning_rate():
   zero = {'body': {'kernel': jnp.zeros(())}}
   for peak in (1e-3, 1e-2):
     config = make('sgd', lr=peak, beta1=0.0, wd=0.01)
-    tx = optim.create_optimizer(config, constant(peak / 4), params)
+    tx = optimizers.create_optimizer(config, constant(peak / 4), params)
     new, _ = run(tx, params, [zero])
     np.testing.assert_allclose(new['body']['kernel'], 1 - 0.25 * 0.01, rtol=1e-6)
 
@@ -136,7 +136,7 @@ def test_linear_routers_are_decayed_and_soft_moe_slots_are_not():
     'block_01': {'moe': {'router': jnp.ones((4, 6)), 'router_scale': jnp.ones(())}},
     'head': {'kernel': jnp.ones((4, 3))},
   }
-  decay = optim.weight_decay_tree(params, 0.01, 0.5)
+  decay = optimizers.weight_decay_tree(params, 0.01, 0.5)
   assert decay['block_00']['moe']['router'] == 0.01  # A top-k router, as V-MoE decays it.
   assert decay['block_00']['moe']['wi'] == 0.01 and decay['block_00']['moe']['bi'] == 0.0
   assert decay['block_01']['moe']['router'] == 0.0  # Soft MoE slots: only their direction counts.
@@ -151,8 +151,8 @@ def test_adafactor_clipping_scales_like_clipped_gradients():
   norm = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads))))
   clipped = jax.tree.map(lambda g: g * (1.0 / norm), grads)
   # (No momentum: its bfloat16 rounding would hide float32-level agreement.)
-  with_clip = optim.adafactor(lambda t: 0.1, beta1=0.0, clip_norm=1.0, min_dim=128)
-  without = optim.adafactor(lambda t: 0.1, beta1=0.0, min_dim=128)
+  with_clip = optimizers.adafactor(lambda t: 0.1, beta1=0.0, clip_norm=1.0, min_dim=128)
+  without = optimizers.adafactor(lambda t: 0.1, beta1=0.0, min_dim=128)
   p1, s1 = run(with_clip, params, [grads, grads])
   p2, s2 = run(without, params, [clipped, clipped])
   for a, b in zip(jax.tree.leaves((p1, s1.v_row, s1.v)), jax.tree.leaves((p2, s2.v_row, s2.v))):
@@ -162,7 +162,7 @@ def test_adafactor_clipping_scales_like_clipped_gradients():
 def test_sgd_momentum_and_clipping():
   params = {'w': jnp.zeros((2,))}
   config = make('sgd', lr=0.5, beta1=0.9, clip=1.0)
-  tx = optim.create_optimizer(config, constant(0.5), params)
+  tx = optimizers.create_optimizer(config, constant(0.5), params)
   grads = {'w': jnp.array([3.0, 4.0])}  # norm 5 -> clipped to norm 1: (0.6, 0.8).
   p1, _ = run(tx, params, [grads])
   np.testing.assert_allclose(p1['w'], [-0.3, -0.4], rtol=1e-6)
@@ -173,16 +173,16 @@ def test_sgd_momentum_and_clipping():
 
 def test_unknown_optimizer():
   with pytest.raises(UserError, match="optimizer 'adam' is unknown"):
-    optim.create_optimizer(make('adam'), constant(0.1), {'w': jnp.ones(())})
+    optimizers.create_optimizer(make('adam'), constant(0.1), {'w': jnp.ones(())})
 
 
 def test_optimizer_state_bytes_of_the_seed_switch_vit():
   """Adafactor state / params <= 0.6 for the seed's Switch-ViT (32 experts); AdamW ~2."""
   import flax.linen as nn
 
-  from vmoe_jax import sharding
   from vmoe_jax.models import vit
   from vmoe_jax.moe.spec import MoeSpec
+  from vmoe_jax.runtime import sharding
 
   model = vit.ViT(
     num_classes=10,
@@ -200,8 +200,10 @@ def test_optimizer_state_bytes_of_the_seed_switch_vit():
   mask = sharding.expert_mask(sharding.param_specs(boxed))
   ratios = {}
   for name in ('adafactor', 'adamw'):
-    tx = optim.create_optimizer(make(name, wd=1e-4), constant(1e-3), params, mask)
-    ratios[name] = optim.state_bytes(jax.eval_shape(tx.init, params)) / optim.state_bytes(params)
+    tx = optimizers.create_optimizer(make(name, wd=1e-4), constant(1e-3), params, mask)
+    ratios[name] = optimizers.state_bytes(jax.eval_shape(tx.init, params)) / optimizers.state_bytes(
+      params
+    )
   assert ratios['adafactor'] <= 0.6, ratios
   assert 1.99 <= ratios['adamw'] <= 2.01, ratios
 
@@ -211,13 +213,13 @@ def test_frozen_parameters_do_not_move():
   grads = jax.tree.map(lambda p: 2.0 * p, params)
   config = make('adamw', wd=1e-2)
   config.optimizer.frozen = '^(?!head/)'  # Train the head only.
-  tx = optim.create_optimizer(config, constant(0.1), params)
+  tx = optimizers.create_optimizer(config, constant(0.1), params)
   updates, _ = tx.update(grads, tx.init(params), params)
   assert float(jnp.abs(updates['block_00']['mlp']['kernel']).sum()) == 0.0
   assert float(jnp.abs(updates['head']['kernel']).sum()) > 0
   # The same head update as an optimizer that sees only the head's gradient.
   config.optimizer.frozen = ''
-  alone = optim.create_optimizer(config, constant(0.1), {'head': params['head']})
+  alone = optimizers.create_optimizer(config, constant(0.1), {'head': params['head']})
   expected, _ = alone.update(
     {'head': grads['head']}, alone.init({'head': params['head']}), {'head': params['head']}
   )
@@ -225,4 +227,4 @@ def test_frozen_parameters_do_not_move():
   for pattern, message in (('nothing', 'matches no parameter'), ('.', 'matches every parameter')):
     config.optimizer.frozen = pattern
     with pytest.raises(UserError, match=message):
-      optim.create_optimizer(config, constant(0.1), params)
+      optimizers.create_optimizer(config, constant(0.1), params)

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from vmoe_jax import sharding
 from vmoe_jax.models import vit
 from vmoe_jax.moe import layer
 from vmoe_jax.moe import routers
 from vmoe_jax.moe.spec import MoeSpec
+from vmoe_jax.runtime import sharding
 
 
 def spec_of(**fields):
@@ -103,11 +103,11 @@ def test_expert_choice_evaluates_at_its_training_capacity():
 
 
 def test_switch_config_with_expert_choice_keeps_the_capacity(tmp_path):
-  from vmoe_jax import config_defaults
+  from vmoe_jax.schema import defaults
 
-  config = config_defaults.get_config()
+  config = defaults.get_config()
   config.model.update(dict(width=16, depth=2, num_heads=2, mlp_dim=32, patch_size=4))
-  config_defaults.apply_moe_preset(config, 'switch')
+  defaults.apply_moe_preset(config, 'switch')
   config.model.moe.num_experts = 4
   config.model.moe.router = 'expert_choice'
   spec = MoeSpec.from_config(config, backend='cpu')

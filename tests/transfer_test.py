@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vmoe_jax import npz_loader
-from vmoe_jax import pos_resize
-from vmoe_jax import transfer
 from vmoe_jax.errors import UserError
 from vmoe_jax.models import heads
 from vmoe_jax.models import vit
 from vmoe_jax.moe.spec import MoeSpec
+from vmoe_jax.transfer import mapping
+from vmoe_jax.transfer import npz_loader
+from vmoe_jax.transfer import pos_resize
 
 WIDTH, MLP, EXPERTS = 16, 32, 4
 NO_DROP = dict(capacity_factor=EXPERTS, eval_capacity_factor=EXPERTS)
@@ -67,7 +67,7 @@ def actions(report):
 
 
 def assert_trees_equal(a, b):
-  fa, fb = transfer.flatten(a), transfer.flatten(b)
+  fa, fb = mapping.flatten(a), mapping.flatten(b)
   assert sorted(fa) == sorted(fb)
   for path in fa:
     np.testing.assert_array_equal(fa[path], fb[path], err_msg=path)
@@ -79,31 +79,31 @@ def assert_trees_equal(a, b):
 def test_same_architecture_loads_everything():
   model = make_vit()
   source = init(model)
-  params, report = transfer.init_params(source, init(model, seed=1))
+  params, report = mapping.init_params(source, init(model, seed=1))
   assert_trees_equal(params, source)
   assert set(actions(report).values()) == {'loaded'}
-  n = len(transfer.flatten(source))
-  assert transfer.format_report(report) == f'init_from: {n} loaded'
+  n = len(mapping.flatten(source))
+  assert mapping.format_report(report) == f'init_from: {n} loaded'
 
 
 def test_new_number_of_classes_gives_a_zero_head():
   source = init(make_vit(num_classes=10))
   target = init(make_vit(num_classes=5), seed=1)
-  params, report = transfer.init_params(source, target)
+  params, report = mapping.init_params(source, target)
   assert actions(report)['head/kernel'] == actions(report)['head/bias'] == 'fresh'
   np.testing.assert_array_equal(params['head']['kernel'], np.zeros((WIDTH, 5)))
   np.testing.assert_array_equal(params['head']['bias'], np.zeros(5))
   np.testing.assert_array_equal(
     params['block_00']['mlp']['Dense_0']['kernel'], source['block_00']['mlp']['Dense_0']['kernel']
   )
-  line = transfer.format_report(report)
+  line = mapping.format_report(report)
   assert line.endswith('loaded, 2 fresh (head/bias, head/kernel)'), line
 
 
 def test_boxed_target_keeps_its_boxes():
   model = moe_vit()
   source = init(model)
-  params, _ = transfer.init_params(source, init(model, seed=1, boxed=True))
+  params, _ = mapping.init_params(source, init(model, seed=1, boxed=True))
   wi = params['block_01']['moe']['wi']
   assert isinstance(wi, nn.Partitioned) and wi.names == ('expert', None, None)
   np.testing.assert_array_equal(wi.value, source['block_01']['moe']['wi'])
@@ -117,7 +117,7 @@ def test_upcycled_top1_moe_gives_the_dense_logits(train):
   dense, sparse = make_vit(), moe_vit()
   source = init(dense)
   target = init(sparse, seed=1)
-  params, report = transfer.init_params(source, target)
+  params, report = mapping.init_params(source, target)
   # Every expert is the dense MLP, the renormalised top-1 weight is 1 and a
   # capacity of E drops no token. train=True routes with capacity_factor
   # (no dropout, no router noise: the dense model's train logits are its eval logits).
@@ -132,7 +132,7 @@ def test_upcycled_top1_moe_gives_the_dense_logits(train):
     wi = params[block]['moe']['wi']
     for e in range(EXPERTS):
       np.testing.assert_array_equal(wi[e], source[block]['mlp']['Dense_0']['kernel'])
-  line = transfer.format_report(report)
+  line = mapping.format_report(report)
   assert '8 upcycled, 2 fresh (block_01/moe/router, block_03/moe/router)' in line, line
 
 
@@ -140,7 +140,7 @@ def test_without_renormalisation_the_top1_gate_scales_the_experts():
   # The control of the test above: it is sensitive to the combine weight.
   dense, sparse = make_vit(), moe_vit(moe=dict(renormalize=False))
   source = init(dense)
-  params, _ = transfer.init_params(source, init(sparse, seed=1))
+  params, _ = mapping.init_params(source, init(sparse, seed=1))
   gap = np.abs(np.asarray(logits(sparse, params) - logits(dense, source))).max()
   assert gap > 1e-3
 
@@ -150,8 +150,8 @@ def test_upcycle_noise_is_relative_per_expert_and_keyed():
   source = init(dense)
   target = init(sparse, seed=1)
   kwargs = dict(upcycle_noise_std=0.1, rng=jax.random.key(3))
-  params, report = transfer.init_params(source, target, **kwargs)
-  again, _ = transfer.init_params(source, target, **kwargs)
+  params, report = mapping.init_params(source, target, **kwargs)
+  again, _ = mapping.init_params(source, target, **kwargs)
   assert_trees_equal(params, again)
   w = np.asarray(source['block_01']['mlp']['Dense_0']['kernel'])
   wi = np.asarray(params['block_01']['moe']['wi'])
@@ -159,15 +159,15 @@ def test_upcycle_noise_is_relative_per_expert_and_keyed():
   assert abs(relative.std() - 0.1) < 0.01 and abs(relative.mean()) < 0.01
   assert not np.allclose(wi[0], wi[1])  # Each expert its own noise.
   assert 'noise 0.1 x std' in [e for e in report if e.path == 'block_01/moe/wi'][0].note
-  other, _ = transfer.init_params(source, target, upcycle_noise_std=0.1, rng=jax.random.key(4))
+  other, _ = mapping.init_params(source, target, upcycle_noise_std=0.1, rng=jax.random.key(4))
   assert not np.allclose(other['block_01']['moe']['wi'], wi)
 
 
 def test_expert_mean_of_an_upcycled_model_is_the_dense_model():
   dense, sparse = make_vit(), moe_vit()
   source = init(dense)
-  upcycled, _ = transfer.init_params(source, init(sparse, seed=1))
-  back, report = transfer.init_params(upcycled, init(dense, seed=2), moe_to_dense='expert_mean')
+  upcycled, _ = mapping.init_params(source, init(sparse, seed=1))
+  back, report = mapping.init_params(upcycled, init(dense, seed=2), moe_to_dense='expert_mean')
   assert_trees_equal(back, source)
   got = actions(report)
   assert got['block_01/mlp/Dense_0/kernel'] == 'averaged'
@@ -177,11 +177,11 @@ def test_expert_mean_of_an_upcycled_model_is_the_dense_model():
 def test_moe_to_dense_fresh_keeps_the_targets_mlp():
   sparse, dense = moe_vit(), make_vit()
   target = init(dense, seed=2)
-  params, report = transfer.init_params(init(sparse), target, moe_to_dense='fresh')
+  params, report = mapping.init_params(init(sparse), target, moe_to_dense='fresh')
   np.testing.assert_array_equal(
     params['block_01']['mlp']['Dense_0']['kernel'], target['block_01']['mlp']['Dense_0']['kernel']
   )
-  line = transfer.format_report(report)
+  line = mapping.format_report(report)
   assert (
     '8 fresh' in line and '10 unused (block_01/moe/bi, block_01/moe/bo, block_01/moe/router' in line
   ), line
@@ -224,17 +224,17 @@ def test_pos_embedding_28_to_8_pixels_keeps_the_class_token_and_the_corners():
     np.concatenate([np.full((1, 1, WIDTH), -1.0), grid], 1), jnp.float32
   )
   target = init(model, image=8, seed=1)
-  params, report = transfer.init_params(source, target, source_grid=(7, 7), target_grid=(2, 2))
+  params, report = mapping.init_params(source, target, source_grid=(7, 7), target_grid=(2, 2))
   pos = np.asarray(params['pos_embedding'])
   assert pos.shape == (1, 5, WIDTH)
   np.testing.assert_array_equal(pos[0, 0], -1.0)
   corners = np.array([0, 6, 60, 66])[:, None] + 100.0 * np.arange(WIDTH)  # (0,0) (0,6) (6,0) (6,6).
   np.testing.assert_allclose(pos[0, 1:], corners, atol=1e-4)
-  line = transfer.format_report(report)
+  line = mapping.format_report(report)
   assert ' loaded, 1 resized (pos_embedding (1, 50, 16) -> (1, 5, 16))' in line, line
   assert logits(model, params, image=8).shape == (4, 5)
   # Square grids need not be given.
-  inferred, _ = transfer.init_params(source, target)
+  inferred, _ = mapping.init_params(source, target)
   np.testing.assert_array_equal(inferred['pos_embedding'], params['pos_embedding'])
 
 
@@ -248,8 +248,8 @@ def test_pos_embedding_non_square_grid_needs_the_grid():
       'pass source_grid=(rows, cols).'
     ),
   ):
-    transfer.init_params(source, init(make_vit(), image=8, seed=1))
-  params, _ = transfer.init_params(source, init(make_vit(), image=8, seed=1), source_grid=(2, 3))
+    mapping.init_params(source, init(make_vit(), image=8, seed=1))
+  params, _ = mapping.init_params(source, init(make_vit(), image=8, seed=1), source_grid=(2, 3))
   assert params['pos_embedding'].shape == (1, 5, WIDTH)
   with pytest.raises(
     UserError,
@@ -258,12 +258,12 @@ def test_pos_embedding_non_square_grid_needs_the_grid():
       'positions'
     ),
   ):
-    transfer.init_params(source, init(make_vit(), image=8, seed=1), source_grid=(3, 3))
+    mapping.init_params(source, init(make_vit(), image=8, seed=1), source_grid=(3, 3))
 
 
 def test_token_model_into_gap_model_drops_the_class_token():
   source = init(make_vit())
-  params, report = transfer.init_params(source, init(make_vit(classifier='gap'), seed=1))
+  params, report = mapping.init_params(source, init(make_vit(classifier='gap'), seed=1))
   np.testing.assert_array_equal(params['pos_embedding'], source['pos_embedding'][:, 1:])
   assert actions(report)['pos_embedding'] == 'resized' and actions(report)['cls'] == 'unused'
 
@@ -273,7 +273,7 @@ def test_token_model_into_gap_model_drops_the_class_token():
 
 def test_moe_with_other_number_of_experts_is_an_error():
   with pytest.raises(UserError) as e:
-    transfer.init_params(init(moe_vit(num_experts=8)), init(moe_vit(num_experts=16), seed=1))
+    mapping.init_params(init(moe_vit(num_experts=8)), init(moe_vit(num_experts=16), seed=1))
   assert str(e.value) == (
     'cannot map block_01/moe/wi: the source has shape (8, 16, 32), the target (16, 16, 32); use a '
     'target with 8 experts (--config.model.moe.num_experts=8) or a source that matches'
@@ -282,7 +282,7 @@ def test_moe_with_other_number_of_experts_is_an_error():
 
 def test_keep_fresh_keeps_the_targets_init():
   target = init(make_vit(), seed=1)
-  params, report = transfer.init_params(init(make_vit()), target, keep_fresh=('block_00/',))
+  params, report = mapping.init_params(init(make_vit()), target, keep_fresh=('block_00/',))
   assert_trees_equal(params['block_00'], target['block_00'])
   assert actions(report)['block_00/mlp/Dense_0/kernel'] == 'fresh'
   assert actions(report)['block_00/mlp/Dense_1/bias'] == 'fresh'
@@ -291,7 +291,7 @@ def test_keep_fresh_keeps_the_targets_init():
 
 def test_moe_with_other_expert_width_is_an_error():
   with pytest.raises(UserError) as e:
-    transfer.init_params(init(moe_vit()), init(moe_vit(moe=dict(mlp_dim=48)), seed=1))
+    mapping.init_params(init(moe_vit()), init(moe_vit(moe=dict(mlp_dim=48)), seed=1))
   assert str(e.value) == (
     'cannot map block_01/moe/wi: the source has shape (4, 16, 32), the target (4, 16, 48); '
     "use a target with the source's width and expert MLP width (--config.model.width, "
@@ -301,7 +301,7 @@ def test_moe_with_other_expert_width_is_an_error():
 
 def test_upcycling_into_other_widths_is_an_error():
   with pytest.raises(UserError) as e:
-    transfer.init_params(init(make_vit()), init(moe_vit(moe=dict(mlp_dim=48)), seed=1))
+    mapping.init_params(init(make_vit()), init(moe_vit(moe=dict(mlp_dim=48)), seed=1))
   assert str(e.value).startswith(
     'cannot upcycle block_01/mlp/Dense_0/kernel into block_01/moe/wi: the source has shape '
     '(16, 32), each target expert (16, 48); '
@@ -310,7 +310,7 @@ def test_upcycling_into_other_widths_is_an_error():
 
 def test_moe_into_dense_is_an_error_by_default():
   with pytest.raises(UserError) as e:
-    transfer.init_params(init(moe_vit()), init(make_vit(), seed=1))
+    mapping.init_params(init(moe_vit()), init(make_vit(), seed=1))
   assert str(e.value) == (
     "cannot map block_01/moe into the dense block_01/mlp: the source block is an MoE, the target's"
     ' is dense; make block 1 an MoE layer of the target (--config.model.moe.layers), or distil'
@@ -320,7 +320,7 @@ def test_moe_into_dense_is_an_error_by_default():
 
 def test_target_deeper_than_source_is_an_error_listing_the_paths():
   with pytest.raises(UserError) as e:
-    transfer.init_params(init(make_vit(depth=2)), init(make_vit(depth=3), seed=1))
+    mapping.init_params(init(make_vit(depth=2)), init(make_vit(depth=3), seed=1))
   assert str(e.value) == (
     "the source lacks 16 of the target's parameters (block_02/attention/key/bias, "
     'block_02/attention/key/kernel, block_02/attention/out/bias, block_02/attention/out/kernel, '
@@ -330,13 +330,13 @@ def test_target_deeper_than_source_is_an_error_listing_the_paths():
 
 
 def test_source_deeper_than_target_reports_unused_blocks():
-  _, report = transfer.init_params(init(make_vit(depth=4)), init(make_vit(depth=3), seed=1))
+  _, report = mapping.init_params(init(make_vit(depth=4)), init(make_vit(depth=3), seed=1))
   unused = [e.path for e in report if e.action == 'unused']
   assert len(unused) == 16 and all(p.startswith('block_03/') for p in unused)
 
 
 def test_stray_source_weight_in_a_target_block_is_an_error():
-  source = dict(transfer.flatten(init(make_vit())))
+  source = dict(mapping.flatten(init(make_vit())))
   source['block_00/extra/kernel'] = np.zeros((2, 2))
   with pytest.raises(
     UserError,
@@ -344,7 +344,7 @@ def test_stray_source_weight_in_a_target_block_is_an_error():
       "source parameters block_00/extra/kernel have no place in the target's block_00"
     ),
   ):
-    transfer.init_params(transfer.unflatten(source), init(make_vit(), seed=1))
+    mapping.init_params(mapping.unflatten(source), init(make_vit(), seed=1))
 
 
 def test_other_patch_size_and_width_are_errors():
@@ -355,7 +355,7 @@ def test_other_patch_size_and_width_are_errors():
       '(4, 4, 3, 16); use --config.model.patch_size=2'
     ),
   ):
-    transfer.init_params(init(make_vit(patch_size=2)), init(make_vit(), seed=1))
+    mapping.init_params(init(make_vit(patch_size=2)), init(make_vit(), seed=1))
   with pytest.raises(
     UserError,
     match=re.escape(
@@ -363,20 +363,20 @@ def test_other_patch_size_and_width_are_errors():
       "use a target with the source's architecture"
     ),
   ):
-    transfer.init_params(init(make_vit()), init(make_vit(width=24), seed=1))
+    mapping.init_params(init(make_vit()), init(make_vit(width=24), seed=1))
 
 
 def test_bad_options_are_errors():
   model = moe_vit()
   with pytest.raises(UserError, match='upcycle_noise_std=0.1 needs .* an rng key'):
-    transfer.init_params(init(make_vit()), init(model), upcycle_noise_std=0.1)
+    mapping.init_params(init(make_vit()), init(model), upcycle_noise_std=0.1)
   with pytest.raises(UserError, match="moe_to_dense='mean' is unknown"):
-    transfer.init_params(init(model), init(model), moe_to_dense='mean')
+    mapping.init_params(init(model), init(model), moe_to_dense='mean')
 
 
 def test_lenient_copies_what_has_the_same_path_and_shape_and_keeps_the_rest_fresh():
   source, target = init(make_vit(depth=2)), init(make_vit(width=24), seed=1)
-  params, report = transfer.init_params(source, target, lenient=True)
+  params, report = mapping.init_params(source, target, lenient=True)
   got = actions(report)
   # Same path and shape (the MLP biases: mlp_dim is 32 in both): copied.
   assert got['block_00/mlp/Dense_0/bias'] == 'loaded'
@@ -397,7 +397,7 @@ def test_lenient_copies_what_has_the_same_path_and_shape_and_keeps_the_rest_fres
 def to_vit_release(params):
   """Our flat names -> the ViT release's (MHA_1, LayerNorm_2, MlpBlock_3, cls position)."""
   out = {}
-  for path, value in transfer.flatten(params).items():
+  for path, value in mapping.flatten(params).items():
     if m := re.fullmatch(r'block_(\d+)/(.+)', path):
       rest = m.group(2)
       for ours, theirs in [
@@ -465,7 +465,7 @@ def test_big_vision_npz_drives_our_vit(tmp_path, scan):
   np.testing.assert_allclose(logits(model, params), logits(model, ours), atol=1e-6)
   # And into a model with a new head and a 3 x 3 grid in one go.
   target = init(make_vit(depth=2, num_classes=3), image=12, seed=1)
-  mapped, report = transfer.init_params(params, target)
+  mapped, report = mapping.init_params(params, target)
   assert actions(report)['pos_embedding'] == 'resized'
 
 
@@ -475,7 +475,7 @@ def test_big_vision_map_head_names():
   rng = np.random.default_rng(0)
   ours = jax.tree.map(lambda x: rng.normal(size=x.shape), nn.meta.unbox(shapes['params']))
   bv = {'embedding/kernel': np.zeros((4, 4, 3, WIDTH))}
-  for path, value in transfer.flatten(ours).items():
+  for path, value in mapping.flatten(ours).items():
     path = re.sub('^attention/', 'MultiHeadDotProductAttention_0/', path)
     path = re.sub('^norm/', 'LayerNorm_0/', path)
     path = re.sub('^mlp/', 'MlpBlock_0/', path)
@@ -554,7 +554,7 @@ def test_the_upcycling_config_starts_as_the_dense_function(train):
     return jax.tree.map(lambda x: (rng.normal(size=x.shape) * 0.2).astype(x.dtype), leaves)
 
   source = random_params(dense, 0)
-  params, _ = transfer.init_params(source, random_params(sparse, 1))
+  params, _ = mapping.init_params(source, random_params(sparse, 1))
   images = jax.random.normal(jax.random.key(7), (8, 28, 28, 1))
   rngs = {'router': jax.random.key(1), 'dropout': jax.random.key(2)}
 

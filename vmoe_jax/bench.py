@@ -33,9 +33,9 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 
-from vmoe_jax import host_malloc
 from vmoe_jax.errors import UserError
 from vmoe_jax.moe import routers
+from vmoe_jax.runtime import host_malloc
 from vmoe_jax.tools import benchmark
 from vmoe_jax.tools import expert_matmuls
 

@@ -22,9 +22,9 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from vmoe_jax import config_defaults
-from vmoe_jax import host_malloc
 from vmoe_jax.errors import UserError
+from vmoe_jax.runtime import host_malloc
+from vmoe_jax.schema import defaults
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Path to a config file.', lock_config=True
@@ -76,9 +76,9 @@ def _config_error(argv: list[str], error: Exception) -> str:
   for arg in argv:
     if arg.startswith('--config.'):
       path = arg[len('--config.') :].split('=', 1)[0]
-      known = config_defaults.all_keys()
+      known = defaults.all_keys()
       if path not in known:
-        return config_defaults.unknown_key_message(path, known)
+        return defaults.unknown_key_message(path, known)
   return f'bad --config flag: {str(error).strip().splitlines()[-1][:300]}'
 
 
@@ -101,7 +101,7 @@ def main(argv: list[str]) -> None:
   # Our progress at INFO; libraries (orbax, jax) at WARNING.
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('vmoe_jax').setLevel(logging.INFO)
-  from vmoe_jax import validation  # pylint: disable=g-import-not-at-top
+  from vmoe_jax.schema import validation  # pylint: disable=g-import-not-at-top
 
   try:  # Values that are nonsense on any machine fail before processes wait for each other.
     validation.validate(config)
@@ -109,8 +109,8 @@ def main(argv: list[str]) -> None:
     _fail(str(e))
   import jax  # pylint: disable=g-import-not-at-top
 
-  from vmoe_jax import distributed  # pylint: disable=g-import-not-at-top
   from vmoe_jax import train  # pylint: disable=g-import-not-at-top
+  from vmoe_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
 
   try:
     settings = distributed.resolve(

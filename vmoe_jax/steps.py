@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
-from vmoe_jax import distill
-from vmoe_jax import sharding
+from vmoe_jax.runtime import sharding
+from vmoe_jax.transfer import distill
 
 
 @flax.struct.dataclass
@@ -56,7 +56,7 @@ def _moe_summary(moe_metrics: dict, prefix: str) -> dict[str, jax.Array]:
 
 
 class Teacher(NamedTuple):
-  """A frozen teacher for distillation (`vmoe_jax.distill`): its model and the loss settings."""
+  """A frozen teacher for distillation (`vmoe_jax.transfer.distill`): model and loss settings."""
 
   model: Any
   temperature: float

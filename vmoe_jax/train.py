@@ -29,24 +29,24 @@ import jax.numpy as jnp
 import ml_collections
 from jax.experimental import multihost_utils
 
-from vmoe_jax import checkpointing
-from vmoe_jax import config_defaults
-from vmoe_jax import distill
-from vmoe_jax import fewshot
 from vmoe_jax import inference
-from vmoe_jax import input_pipeline
-from vmoe_jax import metrics as metrics_lib
-from vmoe_jax import optim
-from vmoe_jax import results as results_lib
-from vmoe_jax import schedules
-from vmoe_jax import sharding
 from vmoe_jax import steps
-from vmoe_jax import transfer
-from vmoe_jax import validation
-from vmoe_jax import warm_start
-from vmoe_jax import workdirs
+from vmoe_jax.data import input_pipeline
 from vmoe_jax.errors import UserError
+from vmoe_jax.evaluation import fewshot
 from vmoe_jax.models import factory
+from vmoe_jax.optim import optimizers
+from vmoe_jax.optim import schedules
+from vmoe_jax.runtime import sharding
+from vmoe_jax.schema import defaults
+from vmoe_jax.schema import validation
+from vmoe_jax.storage import checkpointing
+from vmoe_jax.storage import metrics as metrics_lib
+from vmoe_jax.storage import results as results_lib
+from vmoe_jax.storage import workdirs
+from vmoe_jax.transfer import distill
+from vmoe_jax.transfer import mapping
+from vmoe_jax.transfer import warm_start
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def setup(config, workdir: str) -> Run:
   model = factory.create_model(config, dataset.num_classes, mesh)
   tx, init_fn, abstract_state, shardings = steps.create_train_state(
     model,
-    lambda p, m: optim.create_optimizer(config, schedule, p, m),
+    lambda p, m: optimizers.create_optimizer(config, schedule, p, m),
     mesh,
     dataset.image_shape,
   )
@@ -215,7 +215,7 @@ def fresh_state(run: Run):
     params, report = distill.student_from_teacher(
       warm_start.to_host(run.teacher.params), warm_start.to_host(state.params)
     )
-    line = transfer.format_report(report, prefix='student_from_teacher')
+    line = mapping.format_report(report, prefix='student_from_teacher')
   else:
     return state
   log.info('%s', line)
@@ -419,7 +419,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns the final metrics: 'step', 'test/accuracy', 'test/loss', ...
   """
-  config_defaults.validate(config)
+  defaults.validate(config)
   validation.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
   workdir = os.path.abspath(workdir)
   config_json = config_to_json(config)

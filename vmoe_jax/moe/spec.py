@@ -1,7 +1,7 @@
 """The MoE spec: every setting of the MoE layers of a model, built and checked once.
 
 `MoeSpec.from_config(config)` reads `config.model.moe` (see
-`vmoe_jax/config_defaults.py` for the keys), resolves what depends on other
+`vmoe_jax/schema/defaults.py` for the keys), resolves what depends on other
 settings (the blocks that hold MoE layers, the expert width, the expert
 dropout, the capacity rounding of the backend) and validates the result. The
 frozen spec is what the model (`vmoe_jax.models.vit.ViT(moe=spec)`), the FLOP

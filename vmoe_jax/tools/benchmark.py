@@ -9,7 +9,7 @@ experts, K, a capacity factor and a dispatch implementation):
   rows = run_benchmark(settings, cases, modes=['train'])
   print(format_table(rows))
 
-Every case is built as training builds its model: `config_defaults` ->
+Every case is built as training builds its model: `schema.defaults` ->
 `MoeSpec.from_config` -> `factory.create_model` -> `steps.create_train_state`.
 Routing groups hold `settings.group_size` images; by default all images of a
 device (0), except for Soft MoE, whose slot count must not follow the device
@@ -19,7 +19,7 @@ group, as Puigcerver et al. 2023 route each sequence on its own.
 Timing: every case is compiled and run `warmup` times; then `steps` rounds
 time one step of every case, in turn (each step waited for), so that changes
 in the machine's load fall on all cases alike; rows hold medians. FLOPs are
-analytic (`vmoe_jax.flops.forward_flops`: the router's active FLOPs at the
+analytic (`vmoe_jax.models.flops.forward_flops`: the router's active FLOPs at the
 training capacity, forward pass; a train step counts 3x).
 
 The expert MLPs' matmuls alone: `vmoe_jax.tools.expert_matmuls`.
@@ -40,15 +40,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from vmoe_jax import config_defaults
-from vmoe_jax import flops
-from vmoe_jax import optim
-from vmoe_jax import schedules
-from vmoe_jax import sharding
 from vmoe_jax import steps as train_steps
 from vmoe_jax.errors import UserError
 from vmoe_jax.models import factory
+from vmoe_jax.models import flops
 from vmoe_jax.moe.spec import MoeSpec
+from vmoe_jax.optim import optimizers
+from vmoe_jax.optim import schedules
+from vmoe_jax.runtime import sharding
+from vmoe_jax.schema import defaults
 
 log = logging.getLogger(__name__)
 
@@ -177,13 +177,13 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
 
 
 def tokens_per_image(settings: BenchSettings) -> int:
-  classifier = config_defaults.get_config().model.classifier
+  classifier = defaults.get_config().model.classifier
   return (settings.image_size // settings.patch_size) ** 2 + (classifier == 'token')
 
 
 def case_config(settings: BenchSettings, case: Case):
-  """The training config of a case (the schema of `config_defaults`)."""
-  config = config_defaults.get_config()
+  """The training config of a case (the schema of `vmoe_jax.schema.defaults`)."""
+  config = defaults.get_config()
   config.model.update(
     dict(
       width=settings.width,
@@ -248,7 +248,7 @@ def build_case(settings: BenchSettings, case: Case) -> BuiltCase:
   schedule = schedules.create_learning_rate_schedule(peak_value=1e-3, total_steps=10**6)
   tx, init_fn, _, shardings = train_steps.create_train_state(
     model,
-    lambda params, mask: optim.create_optimizer(config, schedule, params, mask),
+    lambda params, mask: optimizers.create_optimizer(config, schedule, params, mask),
     mesh,
     settings.image_shape,
   )

@@ -6,10 +6,10 @@
 `path` is a workdir of a training run (its latest checkpoint, or `init.step`),
 a checkpoint directory `WORKDIR/checkpoints/STEP`, or a big_vision / ViT
 release `.npz`. Checkpoints are restored with their checksums verified
-(`vmoe_jax.checkpointing`) and read only: nothing is written into the source.
+(`vmoe_jax.storage.checkpointing`) and read only: nothing is written into the source.
 The mapping into the new model (new head, resized position embedding, dense
 -> MoE upcycling, one-line errors for what cannot be mapped) is
-`vmoe_jax.transfer.init_params`.
+`vmoe_jax.transfer.mapping.init_params`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import jax
 import numpy as np
 
 from vmoe_jax import inference
-from vmoe_jax import npz_loader
-from vmoe_jax import transfer
-from vmoe_jax import workdirs
 from vmoe_jax.errors import UserError
+from vmoe_jax.storage import workdirs
+from vmoe_jax.transfer import mapping
+from vmoe_jax.transfer import npz_loader
 
 
 @dataclasses.dataclass
@@ -87,7 +87,7 @@ def initial_params(config, source: Source, fresh: Any, model, image_shape) -> tu
   one-line report of what was loaded, resized, upcycled and left fresh.
   """
   noise = config.init.upcycle_noise_std
-  params, report = transfer.init_params(
+  params, report = mapping.init_params(
     source.params,
     to_host(fresh),
     source_grid=source.grid,
@@ -95,4 +95,4 @@ def initial_params(config, source: Source, fresh: Any, model, image_shape) -> tu
     upcycle_noise_std=noise,
     rng=jax.random.key(config.seed) if noise > 0 else None,
   )
-  return params, transfer.format_report(report, prefix=f'init_from {source.description}')
+  return params, mapping.format_report(report, prefix=f'init_from {source.description}')

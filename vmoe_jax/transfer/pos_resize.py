@@ -5,7 +5,7 @@ aligned (the first and last rows/columns of the source grid land on those of
 the target; `scipy.ndimage.zoom(order=1)`, what big_vision and the ViT
 release use); `resize_pos_embedding` does it for a (1, tokens + R*C, D)
 pos_embedding, class-token position included. `grid_of` finds (or checks)
-the patch grid of a pos_embedding. Used by `vmoe_jax.transfer.init_params`.
+the patch grid of a pos_embedding. Used by `vmoe_jax.transfer.mapping.init_params`.
 """
 
 from __future__ import annotations

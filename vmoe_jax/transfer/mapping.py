@@ -13,7 +13,7 @@ each path, in this order:
      'resized': the patch grid (R, C) is interpolated bilinearly with the
      corners aligned (the first and last rows/columns of the source grid land
      on those of the target; `scipy.ndimage.zoom(order=1)`, what big_vision
-     and the ViT release use; `vmoe_jax.pos_resize`), the class-token
+     and the ViT release use; `vmoe_jax.transfer.pos_resize`), the class-token
      position copied as it is.
   4. block_XX/moe/* where the source's block_XX has a dense mlp: sparse
      upcycling (Komatsuzaki et al. 2022, "Sparse Upcycling"): every expert e
@@ -42,10 +42,10 @@ a 'gap' model, a pre_logits layer) and a UserError for a parameter of a
 block that the target has (the blocks would differ in structure), except
 what `moe_to_dense` or `keep_fresh` drop on purpose. `lenient=True` turns
 every "cannot map" / "lacks" error into 'fresh' (used by
-`vmoe_jax.distill.student_from_teacher`: copy what has the same path and
+`vmoe_jax.transfer.distill.student_from_teacher`: copy what has the same path and
 shape).
 
-`vmoe_jax.npz_loader` reads ViTs published as `.npz` (the ViT / AugReg
+`vmoe_jax.transfer.npz_loader` reads ViTs published as `.npz` (the ViT / AugReg
 release and big_vision) into our names.
 """
 
@@ -63,8 +63,8 @@ import jax
 import numpy as np
 
 from vmoe_jax.errors import UserError
-from vmoe_jax.pos_resize import grid_of
-from vmoe_jax.pos_resize import resize_pos_embedding
+from vmoe_jax.transfer.pos_resize import grid_of
+from vmoe_jax.transfer.pos_resize import resize_pos_embedding
 
 ACTIONS = ('loaded', 'resized', 'upcycled', 'averaged', 'fresh', 'unused')
 MOE_TO_DENSE = ('error', 'fresh', 'expert_mean')

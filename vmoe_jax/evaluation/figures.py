@@ -1,4 +1,4 @@
-"""The routing maps of an evaluation (`vmoe_jax.tools.evaluation`): test images and PNGs.
+"""The routing maps of an evaluation (`vmoe_jax.evaluation.capacity_sweep`): test images and PNGs.
 
 Written into the output directory:
 
@@ -23,8 +23,8 @@ import os
 
 import numpy as np
 
-from vmoe_jax import routing_maps
-from vmoe_jax import routing_stats
+from vmoe_jax.evaluation import routing_maps
+from vmoe_jax.evaluation import routing_stats
 
 
 def spread_positions(num_test: int, num: int) -> np.ndarray:

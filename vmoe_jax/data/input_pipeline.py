@@ -15,7 +15,7 @@ whatever the number of processes; each process keeps its own rows of it.
 Splits may be sliced as in TFDS: 'train[:54000]', 'train[54000:]',
 'train[:90%]' (a held-out slice of the train split to tune on).
 
-TFDS datasets go through `vmoe_jax.tfds_input` (TensorFlow is imported only
+TFDS datasets go through `vmoe_jax.data.tfds_input` (TensorFlow is imported only
 there); `fashion_mnist` falls back to it when the IDX files are absent but
 TFDS has it prepared.
 """
@@ -30,7 +30,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from vmoe_jax import idx_files
+from vmoe_jax.data import idx_files
 from vmoe_jax.errors import UserError
 from vmoe_jax.errors import check_split
 
@@ -329,7 +329,7 @@ def _in_memory_splits(config):
   if config.input.dataset == 'digits':
     train, test = digits_split()
     return {'train': train, 'test': test}, normalize_digits
-  from vmoe_jax import tfds_input  # pylint: disable=g-import-not-at-top  (no TF import)
+  from vmoe_jax.data import tfds_input  # pylint: disable=g-import-not-at-top  (no TF import)
 
   data_dir = config.input.data_dir or FASHION_MNIST_DIR
   paths = fashion_mnist_files(data_dir)
@@ -378,6 +378,6 @@ def create_dataset(config, process_index: int = 0, process_count: int = 1) -> Da
         process_index,
         process_count,
       )
-  from vmoe_jax import tfds_input  # pylint: disable=g-import-not-at-top
+  from vmoe_jax.data import tfds_input  # pylint: disable=g-import-not-at-top
 
   return tfds_input.create(config, process_index, process_count, local_batch, local_eval)

@@ -24,9 +24,9 @@ import jax
 import numpy as np
 
 from vmoe_jax import inference
-from vmoe_jax import input_pipeline
-from vmoe_jax import sharding
+from vmoe_jax.data import input_pipeline
 from vmoe_jax.errors import UserError
+from vmoe_jax.runtime import sharding
 
 # The output-side parameters of each kind of MLP: zero them and the branch is zero.
 OUTPUT_PARAMS = {'mlp': ('Dense_1', ('kernel', 'bias')), 'moe': (None, ('wo', 'bo'))}

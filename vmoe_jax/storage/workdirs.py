@@ -6,7 +6,7 @@ starts or resumes; `check_config` refuses to resume checkpoints of another
 model. The JSON files beside the checkpoints (`workdir/config.json`,
 `dataset.json`, `results.json`) are written atomically and read as one-line
 UserErrors when missing or unreadable. The checkpoints themselves are in
-`vmoe_jax.checkpointing`.
+`vmoe_jax.storage.checkpointing`.
 """
 
 from __future__ import annotations

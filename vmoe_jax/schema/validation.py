@@ -1,7 +1,7 @@
 """Checks every value of a config before anything runs: `validate(config, ...)`.
 
-`vmoe_jax.validation_rules.RULES` is an explicit table from every key of
-`config_defaults.get_config()` to what its value must be (a type and a range
+`vmoe_jax.schema.rules.RULES` is an explicit table from every key of
+`defaults.get_config()` to what its value must be (a type and a range
 or a set of choices); a test checks that it covers every key of the schema,
 so a new key needs a rule.
 Cross-field checks follow: the model size, the patch size against the image
@@ -24,19 +24,19 @@ from typing import Any
 
 import ml_collections
 
-from vmoe_jax import config_defaults
-from vmoe_jax import input_pipeline
+from vmoe_jax.data import input_pipeline
 from vmoe_jax.errors import UserError
 from vmoe_jax.errors import check_process_split
 from vmoe_jax.errors import check_split
 from vmoe_jax.models import vit
 from vmoe_jax.moe import routers
 from vmoe_jax.moe import spec as spec_lib
-from vmoe_jax.validation_rules import IMAGE_SIDES
-from vmoe_jax.validation_rules import IN_MEMORY_SPLITS
-from vmoe_jax.validation_rules import RULES
-from vmoe_jax.validation_rules import SIZE_KEYS
-from vmoe_jax.validation_rules import check_key
+from vmoe_jax.schema import defaults
+from vmoe_jax.schema.rules import IMAGE_SIDES
+from vmoe_jax.schema.rules import IN_MEMORY_SPLITS
+from vmoe_jax.schema.rules import RULES
+from vmoe_jax.schema.rules import SIZE_KEYS
+from vmoe_jax.schema.rules import check_key
 
 # --------------------------------------------------------------------------- cross-field checks
 
@@ -245,7 +245,7 @@ def _ignored(key: str, value, by: str, fix: str) -> UserError:
   return UserError(f'{key}={value} is ignored because {by}; {fix}.')
 
 
-def _check_schedule(v, defaults) -> None:
+def _check_schedule(v, default_values) -> None:
   """The run's length, values that another key overrides, decay parameters."""
   steps, epochs = v['train.num_steps'], v['train.num_epochs']
   if epochs == 0 and steps <= 0:
@@ -253,7 +253,7 @@ def _check_schedule(v, defaults) -> None:
       f'train.num_steps={steps} must be > 0 when train.num_epochs=0; pass e.g. '
       '--config.train.num_steps=1000 or set --config.train.num_epochs.'
     )
-  if epochs > 0 and steps != defaults['train.num_steps']:
+  if epochs > 0 and steps != default_values['train.num_steps']:
     raise _ignored(
       'train.num_steps',
       steps,
@@ -262,7 +262,7 @@ def _check_schedule(v, defaults) -> None:
     )
   for what in ('warmup', 'cooldown'):
     key, epoch_key = f'schedule.{what}_steps', f'train.{what}_epochs'
-    if v[epoch_key] > 0 and v[key] != defaults[key]:
+    if v[epoch_key] > 0 and v[key] != default_values[key]:
       raise _ignored(
         key,
         v[key],
@@ -321,25 +321,25 @@ def validate(config, num_devices: int | None = None, process_count: int = 1) -> 
   """Raises a one-line UserError for the first nonsense value of `config`.
 
   Args:
-    config: a ConfigDict (or nested mapping) of the schema in config_defaults.
+    config: a ConfigDict (or nested mapping) of the schema in `vmoe_jax.schema.defaults`.
     num_devices: all devices of the run, when known; the batch, group and
       mesh checks against the devices are skipped when None.
     process_count: processes of the run (global batches split over them).
   """
   if num_devices is not None and num_devices < 1 or process_count < 1:
     raise ValueError(f'num_devices={num_devices}, process_count={process_count}: need >= 1.')
-  defaults = _flatten(config_defaults.get_config())
+  default_values = _flatten(defaults.get_config())
   given = _flatten(config)
   for key in given:
-    if key not in defaults:
-      raise UserError(config_defaults.unknown_key_message(key, list(defaults)))
-  v = {**defaults, **given}
+    if key not in default_values:
+      raise UserError(defaults.unknown_key_message(key, list(default_values)))
+  v = {**default_values, **given}
   for key in RULES:
-    check_key(key, v[key], defaults[key])
+    check_key(key, v[key], default_values[key])
   size = model_size(v)
   _check_model(v, size)
   _check_input(v, size)
   _check_moe(v)
   _check_batches(v, num_devices, process_count)
-  _check_schedule(v, defaults)
+  _check_schedule(v, default_values)
   _check_transfer(v)

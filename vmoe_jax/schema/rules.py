@@ -1,10 +1,10 @@
 """What every config key's value must be: the `RULES` table that `validation.validate` checks.
 
-`RULES` is an explicit table from every key of `config_defaults.get_config()`
+`RULES` is an explicit table from every key of `defaults.get_config()`
 to what its value must be (a type and a range or a set of choices); a test
 checks that it covers every key of the schema, so a new key needs a rule.
 `check_key` raises the one-line UserError for a value its rule refuses. The
-cross-field checks are in `vmoe_jax.validation`.
+cross-field checks are in `vmoe_jax.schema.validation`.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from vmoe_jax import optim
-from vmoe_jax import schedules
 from vmoe_jax.errors import UserError
 from vmoe_jax.models import vit
 from vmoe_jax.moe import routers
 from vmoe_jax.moe.spec import GROUPED_MATMULS
+from vmoe_jax.optim import optimizers
+from vmoe_jax.optim import schedules
 
 # The routers of model.moe.router: the router table of vmoe_jax.moe.routers.
 ROUTER_NAMES = tuple(routers.ROUTERS)
@@ -235,7 +235,7 @@ RULES: dict[str, Rule] = {
   'input.num_eval_examples': integer(ge=1, also=(-1,), note='-1: all'),
   'input.train_per_class': integer(ge=0, note='0: all'),
   # Optimizer.
-  'optimizer.name': choice(optim.OPTIMIZERS),
+  'optimizer.name': choice(optimizers.OPTIMIZERS),
   'optimizer.learning_rate': number(gt=0, note='the peak learning rate'),
   'optimizer.beta1': number(ge=0, lt=1),
   'optimizer.beta2': number(ge=0, lt=1),

@@ -3,8 +3,8 @@
 `load_npz` reads the arrays of a `.npz` file; `from_big_vision` renames them
 into the nested params of `vmoe_jax.models` (a UserError for a key that is
 not a ViT's); `load_big_vision` does both. The result is a source for
-`vmoe_jax.transfer.init_params` (`init_from` of a `.npz`, see
-`vmoe_jax.warm_start`).
+`vmoe_jax.transfer.mapping.init_params` (`init_from` of a `.npz`, see
+`vmoe_jax.transfer.warm_start`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from vmoe_jax.errors import UserError
-from vmoe_jax.transfer import unflatten
+from vmoe_jax.transfer.mapping import unflatten
 
 _PREFIXES = ('params/', 'opt/target/')  # big_vision; old ViT releases with optimizer state.
 _TOP_LEVEL = {

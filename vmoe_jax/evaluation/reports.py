@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from vmoe_jax import flops
-from vmoe_jax import routing_maps
-from vmoe_jax import routing_stats
+from vmoe_jax.evaluation import routing_maps
+from vmoe_jax.evaluation import routing_stats
+from vmoe_jax.models import flops
 
 KEPT_SHARE = (
   'kept share: the (token, expert) assignments that an expert processed, per image, over '

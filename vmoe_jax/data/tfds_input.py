@@ -151,7 +151,7 @@ def _eval_preprocess(tf, config, image_feature):
 
 def create(config, process_index: int, process_count: int, local_batch: int, local_eval: int):
   """The `input_pipeline.Dataset` of TFDS dataset `config.input.dataset`."""
-  from vmoe_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from vmoe_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
   tf, tfds = import_tf()
   name, data_dir = config.input.dataset, config.input.data_dir

@@ -37,7 +37,7 @@ RECORD_KEYS = (
   'test_accuracy',  # Fraction, on the evaluation split (test, or the held-out slice).
   'train_accuracy',  # Fraction, on the first 10,000 training images.
   'params',
-  'gflops_per_image',  # Active forward GFLOPs per image (vmoe_jax.flops).
+  'gflops_per_image',  # Active forward GFLOPs per image (vmoe_jax.models.flops).
   'width',
   'num_experts',  # 0 for a dense model.
   'router',
@@ -175,9 +175,9 @@ def make_record(
   train_accuracy: bool = True,
 ) -> dict[str, Any]:
   """The record of the finished run in `workdir` (its results.json and checkpoint)."""
-  from vmoe_jax import flops  # pylint: disable=g-import-not-at-top
   from vmoe_jax import inference  # pylint: disable=g-import-not-at-top
-  from vmoe_jax import workdirs  # pylint: disable=g-import-not-at-top
+  from vmoe_jax.models import flops  # pylint: disable=g-import-not-at-top
+  from vmoe_jax.storage import workdirs  # pylint: disable=g-import-not-at-top
 
   results = workdirs.read_json(workdir, 'results.json')
   trained = inference.load(workdir)
@@ -214,7 +214,7 @@ def make_record(
 def _train_accuracy(trained) -> float:
   """Accuracy on the first 10,000 images of the run's training split."""
   from vmoe_jax import inference  # pylint: disable=g-import-not-at-top
-  from vmoe_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from vmoe_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
 
   dataset = input_pipeline.create_dataset(trained.config)
   if dataset.train_arrays is None:

@@ -4,7 +4,7 @@ Experiment configs (`configs/*.py`) start from `get_config()` and change a
 few fields. The returned ConfigDict is locked: assigning a key that does not
 exist here (in a config file or with `--config.x=y`) fails, and
 `validate` checks a config built elsewhere against this schema's keys;
-`vmoe_jax.validation.validate` checks the values. `config_arg` is the check
+`vmoe_jax.schema.validation.validate` checks the values. `config_arg` is the check
 of the `:ARG` part of `--config=FILE:ARG` that every config file runs.
 """
 
@@ -131,7 +131,7 @@ def get_config() -> ml_collections.ConfigDict:
   # learning_rate) * weight_decay * param (Loshchilov & Hutter's AdamW). A
   # big_vision / V-MoE `wd` (multiplied by lr(t) itself) is weight_decay =
   # wd * learning_rate here. Kernels, expert weights and linear routers are
-  # decayed (vmoe_jax/optim.py).
+  # decayed (vmoe_jax/optim/optimizers.py).
   config.optimizer.weight_decay = 1e-4
   config.optimizer.head_weight_decay = 1e-4  # For the head kernel.
   config.optimizer.grad_clip_norm = 1.0  # Global norm; <= 0 disables.
@@ -186,7 +186,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Start the student from the teacher's non-expert weights.
   config.distill.init_from_teacher = False
 
-  # Few-shot linear evaluation on frozen pre-logits (`vmoe_jax/fewshot.py`):
+  # Few-shot linear evaluation on frozen pre-logits (`vmoe_jax/evaluation/fewshot.py`):
   # ridge regression on k train images per class, accuracy on the test set,
   # logged as fewshot/{k}shot. The L2 is chosen on held-out train images.
   config.fewshot = ml_collections.ConfigDict()
@@ -332,7 +332,7 @@ def unknown_key_message(path: str, known: list[str]) -> str:
   """'unknown config key ... (did you mean ...?)' for a dotted key path."""
   close = difflib.get_close_matches(path, known, n=1)
   hint = f" (did you mean '{close[0]}'?)" if close else ''
-  return f"unknown config key '{path}'{hint}; see vmoe_jax/config_defaults.py for all keys."
+  return f"unknown config key '{path}'{hint}; see vmoe_jax/schema/defaults.py for all keys."
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

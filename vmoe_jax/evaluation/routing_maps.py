@@ -1,6 +1,6 @@
 """Figures of routing: accuracy against compute, expert load, class x expert, examples.
 
-Plots only: the numbers come from `vmoe_jax.routing_stats` and
+Plots only: the numbers come from `vmoe_jax.evaluation.routing_stats` and
 `vmoe_jax.evaluate` and are tested there. Every function writes one PNG with
 matplotlib's Agg canvas (no display, no pyplot state).
 """

@@ -31,8 +31,8 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from vmoe_jax import transfer
 from vmoe_jax.errors import UserError
+from vmoe_jax.transfer import mapping
 
 
 def _check(temperature, alpha, label_smoothing) -> None:
@@ -129,11 +129,11 @@ def student_from_teacher(
   moe_to_dense: str = 'fresh',
   source_grid: tuple[int, int] | None = None,
   target_grid: tuple[int, int] | None = None,
-) -> tuple[dict, transfer.Report]:
+) -> tuple[dict, mapping.Report]:
   """The student's initial parameters from the teacher's: (params, report).
 
   Every student array whose path and shape the teacher has is copied; the
-  rest keeps the student's init ('fresh'). `transfer.init_params` with
+  rest keeps the student's init ('fresh'). `mapping.init_params` with
   `lenient=True` does the work, so its other rules hold too: a new head is
   zeroed, pos_embedding is resized, and dense teacher MLPs are upcycled into
   a sparse student's experts.
@@ -147,7 +147,7 @@ def student_from_teacher(
       when the experts share an origin (a teacher upcycled from a dense model
       and not trained far from it).
   """
-  return transfer.init_params(
+  return mapping.init_params(
     teacher_params,
     student_params,
     source_grid=source_grid,

@@ -37,8 +37,8 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from vmoe_jax import sharding
 from vmoe_jax.errors import UserError
+from vmoe_jax.runtime import sharding
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,11 @@
 """Evaluation of a trained checkpoint: the capacity sweep per router, few-shot, the report.
 
 The library of `python -m vmoe_jax.evaluate`; `run(workdir, ...)` does it all
-and returns what eval.json holds (the maps: `vmoe_jax.tools.eval_maps`).
+and returns what eval.json holds (the maps: `vmoe_jax.evaluation.figures`).
 
 For every eval capacity factor C of the sweep the test set is run through
 the model; each row reports test accuracy, loss, images/s, the share of
-assignments that an expert processed ('kept share', `eval_report.KEPT_SHARE`) and the
+assignments that an expert processed ('kept share', `reports.KEPT_SHARE`) and the
 expert FLOPs these cost per image: the "compute saved by dropping patches"
 curve of Riquelme et al. 2021 ("Scaling Vision with Sparse Mixture of
 Experts", Sec. 4.1). What the sweep varies follows the router (`SWEEPS`):
@@ -39,16 +39,16 @@ import jax
 import ml_collections
 import numpy as np
 
-from vmoe_jax import config_defaults
-from vmoe_jax import fewshot as fewshot_lib
 from vmoe_jax import inference
-from vmoe_jax import input_pipeline
-from vmoe_jax import routing_stats
-from vmoe_jax import sharding
+from vmoe_jax.data import input_pipeline
 from vmoe_jax.errors import UserError
 from vmoe_jax.errors import check_split
-from vmoe_jax.tools import eval_maps
-from vmoe_jax.tools import eval_report
+from vmoe_jax.evaluation import fewshot as fewshot_lib
+from vmoe_jax.evaluation import figures
+from vmoe_jax.evaluation import reports
+from vmoe_jax.evaluation import routing_stats
+from vmoe_jax.runtime import sharding
+from vmoe_jax.schema import defaults
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def run(
 ) -> dict:
   """Runs the sweep, the routing maps and few-shot on a checkpoint of `workdir`.
 
-  Writes eval.json, eval.md and the PNGs (`eval_maps`) into `output_dir`
+  Writes eval.json, eval.md and the PNGs (`figures`) into `output_dir`
   (default `workdir/eval`); returns what eval.json holds.
   """
   check_arguments(capacity_factors, example_capacity_factor)
@@ -323,13 +323,13 @@ def run(
     sweep = SWEEPS[spec.router]
     maps = map_settings(spec, sweep, example_capacity_factor)
     settings = sweep_settings(sweep, capacity_factors, [s for v in maps.values() for s in v])
-  example_index = eval_maps.spread_positions(dataset.num_test, num_examples)
+  example_index = figures.spread_positions(dataset.num_test, num_examples)
   results = _evaluate_all(trained, dataset, settings, example_index, timing_batches, timing_seconds)
-  report = eval_report.build_report(workdir, output_dir, trained, dataset, results, maps, sweep)
+  report = reports.build_report(workdir, output_dir, trained, dataset, results, maps, sweep)
   if spec is not None:
-    examples = (*eval_maps.test_arrays(dataset, example_index), example_index)
+    examples = (*figures.test_arrays(dataset, example_index), example_index)
     report['files'].update(
-      eval_maps.write_maps(output_dir, report, results, maps, examples, trained.model)
+      figures.write_maps(output_dir, report, results, maps, examples, trained.model)
     )
   if fewshot:
     report['fewshot'] = run_fewshot(trained.model, trained.params, mesh, dataset, config)
@@ -337,7 +337,7 @@ def run(
   if os.path.exists(results_md):
     report['files']['training_results'] = results_md
   with open(os.path.join(output_dir, 'eval.md'), 'w') as f:
-    f.write(eval_report.header(report) + '\n' + eval_report.markdown(report['settings']))
+    f.write(reports.header(report) + '\n' + reports.markdown(report['settings']))
   with open(os.path.join(output_dir, 'eval.json'), 'w') as f:
     json.dump(report, f, indent=2)
   return report
@@ -372,7 +372,7 @@ def _evaluate_all(trained, dataset, settings, example_index, timing_batches, tim
 
 def fewshot_config(config) -> ml_collections.ConfigDict:
   """The run's config.fewshot, or the defaults for runs made before it existed."""
-  section = config_defaults.get_config().fewshot
+  section = defaults.get_config().fewshot
   if 'fewshot' in config:
     section.update(config.fewshot.to_dict())
   return section

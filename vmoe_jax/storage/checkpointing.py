@@ -9,7 +9,7 @@ A checkpoint holds two items:
     '/'-joined path, e.g. 'params/block_01/moe/wi').
 The config of the run is kept beside them in `workdir/config.json`.
 
-Every restore verifies (`vmoe_jax.checkpoint_integrity`): `restore`
+Every restore verifies (`vmoe_jax.storage.integrity`): `restore`
 (resume), `restore_params` and `load_params` (inference, evaluation,
 transfer from another run) recompute the checksums of the arrays they read
 and refuse, as a one-line `CorruptCheckpointError` naming the checkpoint and
@@ -18,7 +18,7 @@ checkpoint whose bytes cannot be decoded. Checkpoints written before
 checksums existed restore with a warning that they cannot be verified.
 `save` refuses to write a state with non-finite values (it would not
 restore). The workdir checks and JSON files beside the checkpoints are in
-`vmoe_jax.workdirs`.
+`vmoe_jax.storage.workdirs`.
 
 
 Restoring takes an abstract target (shapes, dtypes and the *current*
@@ -39,16 +39,16 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from vmoe_jax.checkpoint_integrity import CHECKSUM_VERSION
-from vmoe_jax.checkpoint_integrity import CHECKSUM_VERSION_KEY
-from vmoe_jax.checkpoint_integrity import CHECKSUMS_KEY
-from vmoe_jax.checkpoint_integrity import CorruptCheckpointError
-from vmoe_jax.checkpoint_integrity import array_checksums
-from vmoe_jax.checkpoint_integrity import first_and_more
-from vmoe_jax.checkpoint_integrity import path_names
-from vmoe_jax.checkpoint_integrity import verify
 from vmoe_jax.errors import UserError
-from vmoe_jax.workdirs import CHECKPOINT_DIR
+from vmoe_jax.storage.integrity import CHECKSUM_VERSION
+from vmoe_jax.storage.integrity import CHECKSUM_VERSION_KEY
+from vmoe_jax.storage.integrity import CHECKSUMS_KEY
+from vmoe_jax.storage.integrity import CorruptCheckpointError
+from vmoe_jax.storage.integrity import array_checksums
+from vmoe_jax.storage.integrity import first_and_more
+from vmoe_jax.storage.integrity import path_names
+from vmoe_jax.storage.integrity import verify
+from vmoe_jax.storage.workdirs import CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
 
