@@ -13,7 +13,7 @@ expert an exact copy of its block's dense MLP (Komatsuzaki et al. 2023,
 function: the router is dropless top-2 with renormalised combine weights
 (each token's two weights sum to 1, and no token is dropped for capacity),
 so at step 0 every token gets 1 x MLP(x), in training and in evaluation
-(`tests/transfer_test.py`). Top-1 would not do: its renormalised weight is
+(`tests/mapping_test.py`). Top-1 would not do: its renormalised weight is
 always 1, so the task would never train the router. The MoE layers run two
 experts per token: twice the dense MLP's FLOPs there. Then `num_steps` more
 steps at a lower learning rate (5e-4, 50 warmup steps, cosine), evaluated

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
-from moe_reference_test import reference_layer
+from layer_reference_test import reference_layer
 
 from vmoe_jax.moe import dropless
 from vmoe_jax.moe import layer
