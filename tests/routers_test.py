@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
+from vmoe_jax.models import factory
 from vmoe_jax.models import vit
 from vmoe_jax.moe import layer
 from vmoe_jax.moe import routers
@@ -110,10 +111,10 @@ def test_switch_config_with_expert_choice_keeps_the_capacity(tmp_path):
   defaults.apply_moe_preset(config, 'switch')
   config.model.moe.num_experts = 4
   config.model.moe.router = 'expert_choice'
-  spec = MoeSpec.from_config(config, backend='cpu')
+  spec = factory.moe_spec(config, backend='cpu')
   assert spec.eval_capacity_factor == spec.capacity_factor == 1.25
   config.model.moe.router = 'topk'
-  assert MoeSpec.from_config(config, backend='cpu').eval_capacity_factor == 2.0
+  assert factory.moe_spec(config, backend='cpu').eval_capacity_factor == 2.0
 
 
 # --------------------------------------------------------------------------- Soft MoE groups

@@ -25,7 +25,6 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from vmoe_jax import steps
 from vmoe_jax.models import factory
 from vmoe_jax.runtime import sharding
 from vmoe_jax.schema import defaults
@@ -109,7 +108,7 @@ def restore_params(
 ):
   """(model, params, step): the verified params of checkpoint `step` (default: latest) on `mesh`."""
   model = factory.create_model(config, num_classes, mesh)
-  target = steps.abstract_params(model, mesh, image_shape)
+  target = factory.abstract_params(model, mesh, image_shape)
   params, step = checkpointing.load_params(workdir, target, step)
   return model, params, step
 

@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from vmoe_jax import inference
 from vmoe_jax import steps
 from vmoe_jax.data import input_pipeline
+from vmoe_jax.data.dataset import Dataset
 from vmoe_jax.errors import UserError
 from vmoe_jax.evaluation import fewshot
 from vmoe_jax.models import factory
@@ -51,7 +52,7 @@ from vmoe_jax.transfer import warm_start
 log = logging.getLogger(__name__)
 
 
-def evaluate(eval_fn, params, dataset: input_pipeline.Dataset, mesh) -> dict[str, float]:
+def evaluate(eval_fn, params, dataset: Dataset, mesh) -> dict[str, float]:
   """Accuracy, loss (and MoE dropped share) over the test split."""
   totals = None
   for batch in dataset.eval_batches():
@@ -83,7 +84,7 @@ def _inference_speed(eval_fn, params, dataset, mesh, max_batches: int = 20) -> f
 # --------------------------------------------------------------------------- setup
 
 
-def num_train_steps(config, dataset: input_pipeline.Dataset) -> tuple[int, float]:
+def num_train_steps(config, dataset: Dataset) -> tuple[int, float]:
   steps_per_epoch = dataset.num_train / config.input.batch_size
   if config.train.num_epochs > 0:
     return max(1, math.ceil(config.train.num_epochs * steps_per_epoch)), steps_per_epoch
@@ -153,7 +154,7 @@ class Run:
   config: ml_collections.ConfigDict
   workdir: str
   mesh: Any
-  dataset: input_pipeline.Dataset
+  dataset: Dataset
   total_steps: int
   steps_per_epoch: float
   schedule: Any

@@ -22,7 +22,6 @@ TFDS has it prepared.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections.abc import Callable
@@ -31,10 +30,11 @@ from collections.abc import Iterator
 import numpy as np
 
 from vmoe_jax.data import idx_files
+from vmoe_jax.data import tfds_input
+from vmoe_jax.data.dataset import Batch
+from vmoe_jax.data.dataset import Dataset
+from vmoe_jax.data.dataset import local_batch_size
 from vmoe_jax.errors import UserError
-from vmoe_jax.errors import check_split
-
-Batch = dict[str, np.ndarray]
 
 # The digits split: 20% of every class goes to the test set, chosen by a
 # permutation with this seed (1,438 train / 359 test images).
@@ -48,46 +48,6 @@ FASHION_MNIST_FILES = {
   'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),
 }
 IN_MEMORY = ('digits', 'fashion_mnist')
-
-
-@dataclasses.dataclass
-class Dataset:
-  """A dataset split into train and test, read by one process.
-
-  Attributes:
-    num_classes, image_shape (H, W, C), num_train, num_test: what it holds.
-    train_batches: start_step -> iterator over this process's training rows.
-    eval_batches: () -> iterator over this process's padded test rows; every
-      process yields the same number of batches.
-    train_eval_batches: max_examples -> the same for the first `max_examples`
-      train examples (all when <= 0), without augmentation: features for
-      few-shot evaluation.
-    train_arrays, test_arrays: the normalised images and labels of in-memory
-      datasets (None for TFDS).
-  """
-
-  name: str
-  num_classes: int
-  image_shape: tuple[int, int, int]
-  num_train: int
-  num_test: int
-  train_batches: Callable[[int], Iterator[Batch]]
-  eval_batches: Callable[[], Iterator[Batch]]
-  train_eval_batches: Callable[[int], Iterator[Batch]] | None = None
-  test_arrays: tuple[np.ndarray, np.ndarray] | None = None
-  train_arrays: tuple[np.ndarray, np.ndarray] | None = None
-
-
-def local_batch_size(global_batch: int, process_count: int, what: str = 'batch_size') -> int:
-  check_split(
-    global_batch,
-    process_count,
-    f'input.{what}={global_batch}',
-    f'{process_count} processes',
-    f'use a positive multiple of {process_count} (--config.input.{what}).',
-    positive=True,
-  )
-  return global_batch // process_count
 
 
 # --------------------------------------------------------------------------- splits
@@ -329,8 +289,6 @@ def _in_memory_splits(config):
   if config.input.dataset == 'digits':
     train, test = digits_split()
     return {'train': train, 'test': test}, normalize_digits
-  from vmoe_jax.data import tfds_input  # pylint: disable=g-import-not-at-top  (no TF import)
-
   data_dir = config.input.data_dir or FASHION_MNIST_DIR
   paths = fashion_mnist_files(data_dir)
   if paths is not None:
@@ -378,6 +336,4 @@ def create_dataset(config, process_index: int = 0, process_count: int = 1) -> Da
         process_index,
         process_count,
       )
-  from vmoe_jax.data import tfds_input  # pylint: disable=g-import-not-at-top
-
   return tfds_input.create(config, process_index, process_count, local_batch, local_eval)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from vmoe_jax.data.dataset import Dataset
 from vmoe_jax.errors import UserError
 
 
@@ -150,9 +151,7 @@ def _eval_preprocess(tf, config, image_feature):
 
 
 def create(config, process_index: int, process_count: int, local_batch: int, local_eval: int):
-  """The `input_pipeline.Dataset` of TFDS dataset `config.input.dataset`."""
-  from vmoe_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-
+  """The `Dataset` of TFDS dataset `config.input.dataset`."""
   tf, tfds = import_tf()
   name, data_dir = config.input.dataset, config.input.data_dir
   builder = _builder(name, data_dir)
@@ -205,7 +204,7 @@ def create(config, process_index: int, process_count: int, local_batch: int, loc
     limited = 0 < max_examples < num_train
     yield from padded_batches(train_split, max_examples if limited else num_train, limited)
 
-  return input_pipeline.Dataset(
+  return Dataset(
     name=name,
     num_classes=builder.info.features['label'].num_classes,
     image_shape=image_shape,

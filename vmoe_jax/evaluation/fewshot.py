@@ -265,7 +265,7 @@ def evaluate(feature_fn, params, dataset, mesh, config) -> dict[int, dict]:
   Args:
     feature_fn: from `make_feature_fn`.
     params: the model parameters, on `mesh`.
-    dataset: an `input_pipeline.Dataset`.
+    dataset: a `vmoe_jax.data.dataset.Dataset`.
     config: the `config.fewshot` section (shots, l2_regs, seed, num_trials,
       val_per_class, max_train_examples).
   """

@@ -175,6 +175,7 @@ def make_record(
   train_accuracy: bool = True,
 ) -> dict[str, Any]:
   """The record of the finished run in `workdir` (its results.json and checkpoint)."""
+  # Imported here: writing, reading and naming records (the queues) needs no JAX.
   from vmoe_jax import inference  # pylint: disable=g-import-not-at-top
   from vmoe_jax.models import flops  # pylint: disable=g-import-not-at-top
   from vmoe_jax.storage import workdirs  # pylint: disable=g-import-not-at-top

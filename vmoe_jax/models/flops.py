@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import math
 
+from vmoe_jax.models import vit
+from vmoe_jax.moe import routers
+
 
 def forward_flops(
   model,
@@ -75,9 +78,7 @@ def moe_layer_work(spec, tokens: int, images: int | None, capacity_factor: float
   buffer rows at that evaluation capacity factor. `images`: N per group (None
   when unknown: Expert Choice and Soft MoE then take the even share, cf * T).
   """
-  from vmoe_jax.moe import routers  # pylint: disable=g-import-not-at-top
-
-  router = routers.ROUTERS[spec.router]
+  router = routers.get(spec.router)
   train = capacity_factor is None
   if not train:
     spec = spec.at_eval(capacity_factor, spec.eval_batch_priority)
@@ -109,8 +110,6 @@ def _embedding_flops(model, height: int, width_px: int, channels: int) -> float:
   d, p = model.width, model.patch_size
   if getattr(model, 'stem', 'patch') != 'conv':
     return 2.0 * (height // p) * (width_px // p) * p * p * channels * d
-  from vmoe_jax.models import vit  # pylint: disable=g-import-not-at-top
-
   total, rows, cols, in_channels = 0.0, height, width_px, channels
   stages = vit.conv_stem_channels(d, p)
   extra_per_stage = vit.stem_extra_convs_per_stage(

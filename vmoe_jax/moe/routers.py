@@ -33,10 +33,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from vmoe_jax.errors import UserError
 from vmoe_jax.moe import dropless
 from vmoe_jax.moe import losses
 from vmoe_jax.moe import plans
 from vmoe_jax.moe import routing
+from vmoe_jax.moe.spec import AUX_LOSS_WEIGHTS
 from vmoe_jax.moe.spec import MoeSpec
 
 
@@ -117,13 +119,7 @@ def gate_losses(inputs: RouterInputs, gates: jax.Array, spec: MoeSpec, noise_std
 
 
 def _zero_losses() -> dict:
-  return {name: jnp.zeros((), jnp.float32) for name in losses_names()}
-
-
-def losses_names() -> tuple[str, ...]:
-  from vmoe_jax.moe import spec as spec_lib  # pylint: disable=g-import-not-at-top
-
-  return tuple(spec_lib.AUX_LOSS_WEIGHTS)
+  return {name: jnp.zeros((), jnp.float32) for name in AUX_LOSS_WEIGHTS}
 
 
 def real_count(mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
@@ -436,3 +432,10 @@ ROUTERS: dict[str, Router] = {
 }
 # Routers whose num_selected (K) is a number of experts per token or image.
 SELECTS_K = ('topk', 'image_topk', 'dropless')
+
+
+def get(name: str) -> Router:
+  """The router `name` of `ROUTERS`; a one-line UserError naming the routers for another name."""
+  if name not in ROUTERS:
+    raise UserError(f'model.moe.router={name!r} is unknown; use one of {sorted(ROUTERS)}.')
+  return ROUTERS[name]

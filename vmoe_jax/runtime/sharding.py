@@ -21,9 +21,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vmoe_jax.errors import UserError
-from vmoe_jax.moe.layer import BATCH_AXES
-from vmoe_jax.moe.layer import DATA_AXIS
-from vmoe_jax.moe.layer import EXPERT_AXIS
+
+DATA_AXIS = 'data'
+EXPERT_AXIS = 'expert'
+BATCH_AXES = (DATA_AXIS, EXPERT_AXIS)  # The batch is split over both mesh axes.
 
 
 def default_expert_axis(num_devices: int, num_experts: int) -> int:
@@ -33,23 +34,32 @@ def default_expert_axis(num_devices: int, num_experts: int) -> int:
   return max(d for d in range(1, num_devices + 1) if num_devices % d == 0 and num_experts % d == 0)
 
 
+def check_expert_axis(expert: int, num_devices: int, num_experts: int = 0) -> None:
+  """The expert mesh axis (`expert` shards, -1: to choose) must divide the devices and experts.
+
+  The one check of both, for the config (`vmoe_jax.schema.validation`), the
+  mesh (`create_mesh`) and the MoE layer: one-line UserErrors in the config's
+  terms (mesh.expert, model.moe.num_experts).
+  """
+  if expert != -1 and (expert < 1 or num_devices % expert):
+    raise UserError(
+      f'mesh.expert={expert} does not divide the {num_devices} devices; use a divisor of '
+      f'{num_devices} (--config.mesh.expert), or -1 to choose.'
+    )
+  if expert > 0 and num_experts > 0 and num_experts % expert:
+    raise UserError(
+      f'model.moe.num_experts={num_experts} is not a multiple of mesh.expert={expert}; use a '
+      f'multiple of {expert} experts or a --config.mesh.expert that divides {num_experts}.'
+    )
+
+
 def create_mesh(expert: int, num_experts: int, devices=None) -> Mesh:
   """A ('data', 'expert') mesh over `devices` (default: all) with `expert` shards."""
   devices = list(jax.devices() if devices is None else devices)
   num_devices = len(devices)
   if expert == -1:
     expert = default_expert_axis(num_devices, num_experts)
-  if expert <= 0 or num_devices % expert:
-    raise UserError(
-      f'mesh.expert={expert} does not divide the {num_devices} devices; use a divisor of '
-      f'{num_devices} (--config.mesh.expert), or -1 to choose.'
-    )
-  if num_experts > 0 and num_experts % expert:
-    raise UserError(
-      f'num_experts={num_experts} is not a multiple of the expert mesh axis ({expert} shards); '
-      f'use a multiple of {expert} experts or set --config.mesh.expert to a divisor of '
-      f'{num_experts}.'
-    )
+  check_expert_axis(expert, num_devices, num_experts)
   grid = np.asarray(devices).reshape(num_devices // expert, expert)
   return Mesh(grid, (DATA_AXIS, EXPERT_AXIS), axis_types=(AxisType.Auto, AxisType.Auto))
 

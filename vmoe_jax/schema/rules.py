@@ -22,6 +22,7 @@ from vmoe_jax.errors import UserError
 from vmoe_jax.models import vit
 from vmoe_jax.moe import routers
 from vmoe_jax.moe.spec import GROUPED_MATMULS
+from vmoe_jax.moe.spec import LAYERS_SYNTAX
 from vmoe_jax.optim import optimizers
 from vmoe_jax.optim import schedules
 
@@ -34,8 +35,6 @@ DISPATCHES = ('indices', 'einsum')
 LOAD_THRESHOLDS = ('vmoe', 'shazeer')
 ON_NONFINITE = ('stop', 'skip')
 ON_CORRUPT = ('fail', 'previous')
-# The forms of model.moe.layers that vit.moe_layer_indices reads.
-LAYERS_SYNTAX = r'none|all|every_\d+|last_\d+|\d+(,\d+)*|'
 SIZE_KEYS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size')
 
 # Side of the (square) images of datasets whose size is known without reading
@@ -148,7 +147,7 @@ def _decodes_variant(value) -> bool:
 
 
 def _layers_syntax(value) -> bool:
-  """The forms of `vit.moe_layer_indices` (the blocks are checked against the depth later)."""
+  """The forms of `spec.moe_layer_indices` (the blocks are checked against the depth later)."""
   return isinstance(value, str) and re.fullmatch(LAYERS_SYNTAX, value) is not None
 
 

@@ -31,6 +31,7 @@ from vmoe_jax.errors import check_split
 from vmoe_jax.models import vit
 from vmoe_jax.moe import routers
 from vmoe_jax.moe import spec as spec_lib
+from vmoe_jax.moe.spec import moe_layer_indices
 from vmoe_jax.schema import defaults
 from vmoe_jax.schema.rules import IMAGE_SIDES
 from vmoe_jax.schema.rules import IN_MEMORY_SPLITS
@@ -76,8 +77,8 @@ def _check_model(v, size) -> None:
   """MoE layers within the depth; the conv stem's patch size."""
   spec, depth = v['model.moe.layers'], size['depth']
   try:
-    layers = vit.moe_layer_indices(spec, depth)
-  except UserError:
+    layers = moe_layer_indices(spec, depth)
+  except ValueError:
     raise UserError(
       f'model.moe.layers={spec!r} names blocks outside the {depth} blocks of the model '
       f"(0..{depth - 1}); use indices below {depth} or 'all', 'every_N', 'last_N'."
@@ -175,6 +176,11 @@ def _check_moe(v) -> None:
     raise UserError(
       f'model.moe.slots_per_expert={slots} applies to the soft router only, not '
       f'model.moe.router={router!r}; remove it or use --config.model.moe.router=soft.'
+    )
+  if router == 'soft' and v['model.moe.group_size'] == 0 and slots is None:
+    raise UserError(
+      'model.moe.group_size=0 does not fix the Soft MoE slot count (it would follow the device '
+      'batch); set model.moe.group_size > 0 or model.moe.slots_per_expert.'
     )
 
 

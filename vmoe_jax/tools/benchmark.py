@@ -10,7 +10,7 @@ experts, K, a capacity factor and a dispatch implementation):
   print(format_table(rows))
 
 Every case is built as training builds its model: `schema.defaults` ->
-`MoeSpec.from_config` -> `factory.create_model` -> `steps.create_train_state`.
+`factory.moe_spec` -> `factory.create_model` -> `steps.create_train_state`.
 Routing groups hold `settings.group_size` images; by default all images of a
 device (0), except for Soft MoE, whose slot count must not follow the device
 batch (`MoeSpec` refuses group_size 0 without slots_per_expert): one image per
@@ -44,16 +44,15 @@ from vmoe_jax import steps as train_steps
 from vmoe_jax.errors import UserError
 from vmoe_jax.models import factory
 from vmoe_jax.models import flops
-from vmoe_jax.moe.spec import MoeSpec
 from vmoe_jax.optim import optimizers
 from vmoe_jax.optim import schedules
 from vmoe_jax.runtime import sharding
 from vmoe_jax.schema import defaults
+from vmoe_jax.schema import validation
 
 log = logging.getLogger(__name__)
 
 MODES = ('train', 'inference')
-DISPATCHES = ('indices', 'einsum')
 NUM_CLASSES = 10
 SOFT_GROUP_SIZE = 1  # Images per Soft MoE routing group unless settings.group_size is set.
 
@@ -207,7 +206,11 @@ def case_config(settings: BenchSettings, case: Case):
       group_size=settings.group_size_for(case.router),
     )
   )
+  # Random images of the benchmark's size (no dataset is read).
+  config.input.dataset = 'random'
+  config.input.image_size = settings.image_size
   config.input.batch_size = settings.batch_size
+  config.input.eval_batch_size = settings.batch_size
   config.optimizer.name = settings.optimizer
   config.mesh.expert = settings.expert_axis
   return config
@@ -221,7 +224,7 @@ def check_cases(settings: BenchSettings, cases: list[Case]) -> None:
         '--group_size=0 (all images of a device) does not fix the Soft MoE slot count; '
         'use --group_size=1 or more, or leave it unset (1 image per group for Soft MoE).'
       )
-    MoeSpec.from_config(case_config(settings, case))
+    validation.validate(case_config(settings, case))
     sharding.create_mesh(settings.expert_axis, case.num_experts)
 
 
@@ -242,7 +245,7 @@ class BuiltCase:
 def build_case(settings: BenchSettings, case: Case) -> BuiltCase:
   """Model, optimizer, initial state and a random batch of one case."""
   config = case_config(settings, case)
-  spec = MoeSpec.from_config(config)
+  spec = factory.moe_spec(config)
   mesh = sharding.create_mesh(config.mesh.expert, case.num_experts)
   model = factory.create_model(config, NUM_CLASSES, mesh, moe=spec)
   schedule = schedules.create_learning_rate_schedule(peak_value=1e-3, total_steps=10**6)
