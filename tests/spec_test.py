@@ -2,8 +2,11 @@
 
 import pytest
 
+from vmoe_jax.errors import UserError
 from vmoe_jax.moe import spec as spec_lib
 from vmoe_jax.moe.spec import MoeSpec
+from vmoe_jax.schema import defaults
+from vmoe_jax.schema import validation
 
 
 @pytest.mark.parametrize(
@@ -57,3 +60,12 @@ def test_training_and_evaluation_settings():
 def test_spec_is_hashable():  # A Flax module attribute.
   spec = MoeSpec(num_experts=4, layers=(0, 2), mlp_dim=8)
   assert hash(spec) == hash(MoeSpec(num_experts=4, layers=(0, 2), mlp_dim=8))
+
+
+def test_the_spec_trusts_its_settings_and_the_schema_checks_them():
+  MoeSpec(num_experts=4, layers=(0,), mlp_dim=8, combine_scale=0.0)  # No check here.
+  config = defaults.get_config()
+  config.model.update(dict(width=16, depth=2, num_heads=2, mlp_dim=32, patch_size=4))
+  config.model.moe.update(dict(num_experts=4, combine_scale=0.0))
+  with pytest.raises(UserError, match=r'model.moe.combine_scale=0.0 must be a number > 0'):
+    validation.validate(config)

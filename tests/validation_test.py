@@ -132,7 +132,7 @@ def test_router_names_are_the_choices_of_model_moe_router():
 def test_in_memory_split_sizes_match_the_data():
   train, test = input_pipeline.digits_split()
   sizes = {'train': len(train[1]), 'test': len(test[1])}
-  assert rules.IN_MEMORY_SPLITS['digits'] == sizes
+  assert input_pipeline.IN_MEMORY_SPLITS['digits'] == sizes
   assert rules.IMAGE_SIDES['digits'] == train[0].shape[1] == train[0].shape[2]
 
 

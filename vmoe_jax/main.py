@@ -3,11 +3,12 @@ r"""Command line entry point; kept short on purpose.
   python -m vmoe_jax.main --config=configs/digits_switch.py --workdir=/tmp/run \
       [--config.model.moe.num_experts=16 ...]
 
-Parses flags, checks the config (`validation.validate`, before and again
-after joining a multi-process run, once the device count is known; nothing is
-written to the workdir before), joins a multi-process run when the flags or
-the environment describe one (see `distributed`; every process runs this same
-command), and calls `train.train_and_evaluate(config, workdir)`. Problems the
+Parses flags, checks the config (`validation.validate`: every check that
+needs no device, before anything is written to the workdir or processes wait
+for each other), joins a multi-process run when the flags or the environment
+describe one (see `distributed`; every process runs this same command), and
+calls `train.train_and_evaluate(config, workdir)`, which checks the config
+against the devices and processes of the run. Problems the
 user can fix (bad config keys or values, a bad `:ARG` of a config file,
 missing data, unreadable checkpoints, processes that cannot meet) are printed
 as one line, exit status 2.
@@ -124,7 +125,6 @@ def main(argv: list[str]) -> None:
       distributed.check_devices()
       if jax.process_index() > 0:  # Progress lines from process 0 only.
         logging.getLogger('vmoe_jax').setLevel(logging.WARNING)
-    validation.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
     train.train_and_evaluate(config, _WORKDIR.value)
   except UserError as e:
     _fail(str(e))

@@ -39,7 +39,6 @@ from vmoe_jax.models import factory
 from vmoe_jax.optim import optimizers
 from vmoe_jax.optim import schedules
 from vmoe_jax.runtime import sharding
-from vmoe_jax.schema import defaults
 from vmoe_jax.schema import validation
 from vmoe_jax.storage import checkpointing
 from vmoe_jax.storage import metrics as metrics_lib
@@ -88,10 +87,6 @@ def num_train_steps(config, dataset: Dataset) -> tuple[int, float]:
   steps_per_epoch = dataset.num_train / config.input.batch_size
   if config.train.num_epochs > 0:
     return max(1, math.ceil(config.train.num_epochs * steps_per_epoch)), steps_per_epoch
-  if config.train.num_steps <= 0:
-    raise UserError(
-      f'train.num_steps={config.train.num_steps}; set it > 0 or set train.num_epochs.'
-    )
   return config.train.num_steps, steps_per_epoch
 
 
@@ -420,8 +415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns the final metrics: 'step', 'test/accuracy', 'test/loss', ...
   """
-  defaults.validate(config)
-  validation.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  validation.validate_devices(config, jax.device_count(), jax.process_count())
   workdir = os.path.abspath(workdir)
   config_json = config_to_json(config)
   finished = workdirs.check_workdir(workdir, config_json)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from vmoe_jax.errors import check_split
+from vmoe_jax.errors import check_process_split
 
 Batch = dict[str, np.ndarray]
 
@@ -48,12 +48,6 @@ class Dataset:
 
 
 def local_batch_size(global_batch: int, process_count: int, what: str = 'batch_size') -> int:
-  check_split(
-    global_batch,
-    process_count,
-    f'input.{what}={global_batch}',
-    f'{process_count} processes',
-    f'use a positive multiple of {process_count} (--config.input.{what}).',
-    positive=True,
-  )
+  """This process's rows of a global batch `input.{what}` (which must split over the processes)."""
+  check_process_split(f'input.{what}', global_batch, process_count)
   return global_batch // process_count

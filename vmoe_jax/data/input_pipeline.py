@@ -47,7 +47,12 @@ FASHION_MNIST_FILES = {
   'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
   'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),
 }
-IN_MEMORY = ('digits', 'fashion_mnist')
+# Examples per split of the in-memory datasets (the schema checks split slices against them).
+IN_MEMORY_SPLITS = {
+  'digits': {'train': 1438, 'test': 359},
+  'fashion_mnist': {'train': 60_000, 'test': 10_000},
+}
+IN_MEMORY = tuple(IN_MEMORY_SPLITS)
 
 
 # --------------------------------------------------------------------------- splits

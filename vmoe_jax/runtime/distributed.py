@@ -41,7 +41,6 @@ import time
 from collections.abc import Mapping
 
 from vmoe_jax.errors import UserError
-from vmoe_jax.errors import check_process_split
 
 log = logging.getLogger(__name__)
 
@@ -315,9 +314,3 @@ def check_devices() -> None:
       'give every process the same number (one process per host or per accelerator, '
       'XLA_FLAGS=--xla_force_host_platform_device_count=M on CPUs).'
     )
-
-
-def check_batch(config, process_count: int) -> None:
-  """Global batch sizes must split evenly over the processes."""
-  for key in ('batch_size', 'eval_batch_size'):
-    check_process_split(f'input.{key}', config.input[key], process_count)

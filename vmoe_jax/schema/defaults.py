@@ -3,15 +3,18 @@
 Experiment configs (`configs/*.py`) start from `get_config()` and change a
 few fields. The returned ConfigDict is locked: assigning a key that does not
 exist here (in a config file or with `--config.x=y`) fails, and
-`validate` checks a config built elsewhere against this schema's keys;
-`vmoe_jax.schema.validation.validate` checks the values. `config_arg` is the check
-of the `:ARG` part of `--config=FILE:ARG` that every config file runs.
+`check_keys` checks a config built elsewhere against this schema's keys
+(`vmoe_jax.schema.validation.validate` runs it, then checks the values).
+`config_arg` is the check of the `:ARG` part of `--config=FILE:ARG` that
+every config file runs.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
@@ -312,20 +315,20 @@ def shrink_for_local_run(config: ml_collections.ConfigDict) -> None:
   config.schedule.cooldown_steps = 0
 
 
-def _flatten(config: ml_collections.ConfigDict, prefix: str = '') -> dict:
+def flatten(config, prefix: str = '') -> dict[str, Any]:
+  """A ConfigDict (or nested mapping) as {'model.moe.num_experts': 8, ...}."""
   out = {}
   for key, value in config.items():
-    path = f'{prefix}{key}'
-    if isinstance(value, ml_collections.ConfigDict):
-      out.update(_flatten(value, path + '.'))
+    if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+      out.update(flatten(value, f'{prefix}{key}.'))
     else:
-      out[path] = value
+      out[f'{prefix}{key}'] = value
   return out
 
 
 def all_keys() -> list[str]:
   """Every dotted key path of the schema, e.g. 'model.moe.num_experts'."""
-  return list(_flatten(get_config()))
+  return list(flatten(get_config()))
 
 
 def unknown_key_message(path: str, known: list[str]) -> str:
@@ -335,12 +338,12 @@ def unknown_key_message(path: str, known: list[str]) -> str:
   return f"unknown config key '{path}'{hint}; see vmoe_jax/schema/defaults.py for all keys."
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def check_keys(config) -> None:
   """Raises UserError naming the first key of `config` that the schema lacks."""
-  known = _flatten(get_config())
-  for path in _flatten(config):
+  known = all_keys()
+  for path in flatten(config):
     if path not in known:
-      raise UserError(unknown_key_message(path, list(known)))
+      raise UserError(unknown_key_message(path, known))
 
 
 def sibling_config(

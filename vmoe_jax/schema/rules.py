@@ -21,30 +21,22 @@ import numpy as np
 from vmoe_jax.errors import UserError
 from vmoe_jax.models import vit
 from vmoe_jax.moe import routers
+from vmoe_jax.moe.spec import DISPATCHES
 from vmoe_jax.moe.spec import GROUPED_MATMULS
 from vmoe_jax.moe.spec import LAYERS_SYNTAX
+from vmoe_jax.moe.spec import LOAD_THRESHOLDS
 from vmoe_jax.optim import optimizers
 from vmoe_jax.optim import schedules
+from vmoe_jax.storage import checkpointing
 
 # The routers of model.moe.router: the router table of vmoe_jax.moe.routers.
 ROUTER_NAMES = tuple(routers.ROUTERS)
 
-CLASSIFIERS = ('token', 'gap', 'map')
-DTYPES = ('float32', 'bfloat16', 'float16')
-DISPATCHES = ('indices', 'einsum')
-LOAD_THRESHOLDS = ('vmoe', 'shazeer')
 ON_NONFINITE = ('stop', 'skip')
-ON_CORRUPT = ('fail', 'previous')
-SIZE_KEYS = ('width', 'depth', 'num_heads', 'mlp_dim', 'patch_size')
 
 # Side of the (square) images of datasets whose size is known without reading
 # them; TFDS datasets take input.image_size when it is set.
 IMAGE_SIDES = {'digits': 8, 'fashion_mnist': 28, 'cifar10': 32, 'cifar100': 32}
-# Examples per split of the in-memory datasets (for checking split slices).
-IN_MEMORY_SPLITS = {
-  'digits': {'train': 1438, 'test': 359},
-  'fashion_mnist': {'train': 60_000, 'test': 10_000},
-}
 
 
 # --------------------------------------------------------------------------- rules
@@ -175,7 +167,7 @@ RULES: dict[str, Rule] = {
   'model.num_heads': integer(ge=1, note='None: from model.variant', example=4),
   'model.mlp_dim': integer(ge=1, note='None: from model.variant', example=256),
   'model.patch_size': integer(ge=1, note='None: from model.variant', example=4),
-  'model.classifier': choice(CLASSIFIERS),
+  'model.classifier': choice(vit.CLASSIFIERS),
   'model.stem': choice(vit.STEMS),
   'model.stem_extra_convs': Rule(
     lambda v: isinstance(v, str) and re.fullmatch(r'\d+(,\d+)*', v.replace(' ', '')) is not None,
@@ -185,7 +177,7 @@ RULES: dict[str, Rule] = {
   ),
   'model.dropout': number(ge=0, lt=1),
   'model.attention_dropout': number(ge=0, lt=1),
-  'model.dtype': choice(DTYPES),
+  'model.dtype': choice(vit.DTYPES),
   # Mixture of experts.
   'model.moe.num_experts': integer(ge=0, note='0: a dense ViT'),
   'model.moe.layers': Rule(
@@ -267,7 +259,7 @@ RULES: dict[str, Rule] = {
   'train.keep_checkpoints': integer(ge=1),
   'train.on_nonfinite': choice(ON_NONFINITE),
   'train.max_skipped_share': number(ge=0, le=1),
-  'train.on_corrupt': choice(ON_CORRUPT),
+  'train.on_corrupt': choice(checkpointing.ON_CORRUPT),
   # Transfer and distillation.
   'init_from': string("a workdir or checkpoint directory; '' none", example='DIR'),
   'init.step': integer(ge=0, also=(-1,), note='-1: the latest'),

@@ -13,7 +13,7 @@ Every case is built as training builds its model: `schema.defaults` ->
 `factory.moe_spec` -> `factory.create_model` -> `steps.create_train_state`.
 Routing groups hold `settings.group_size` images; by default all images of a
 device (0), except for Soft MoE, whose slot count must not follow the device
-batch (`MoeSpec` refuses group_size 0 without slots_per_expert): one image per
+batch (the schema refuses group_size 0 without slots_per_expert): one image per
 group, as Puigcerver et al. 2023 route each sequence on its own.
 
 Timing: every case is compiled and run `warmup` times; then `steps` rounds
