@@ -28,10 +28,10 @@ CONFIG_ARGS = {
   'digits_switch.py': (None,),
   'digits_vit.py': (None,),
   'fashion_distill.py': (None,),
-  'fashion_switch.py': (None, 'val'),
+  'fashion_switch.py': (None, 'val', 'w16', 'w32', 'w64', 'w128'),
   'fashion_upcycle.py': (None, 'dense'),
-  'fashion_vit.py': (None, 'val'),
-  'fashion_vmoe.py': (None, 'val'),
+  'fashion_vit.py': (None, 'val', 'w16', 'w32', 'w64', 'w128'),
+  'fashion_vmoe.py': (None, 'val', 'w16', 'w32', 'w64', 'w128'),
 }
 
 
