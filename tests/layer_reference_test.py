@@ -142,14 +142,14 @@ def test_layer_matches_the_loop_reference(router, k, cf, bpr):
   mlp = layer.MoeMlp(spec)
   params = jax.tree.map(
     lambda a: a.value if hasattr(a, 'value') else a,
-    mlp.init(jax.random.key(1), x, deterministic=True)['params'],
+    mlp.init(jax.random.key(1), x, train=False)['params'],
     is_leaf=lambda a: hasattr(a, 'value'),
   )
   # Larger biases than the init's 1e-6, so that a missing bias term would show.
   keys = jax.random.split(jax.random.key(2), 2)
   params['bi'] = 0.1 * jax.random.normal(keys[0], params['bi'].shape)
   params['bo'] = 0.1 * jax.random.normal(keys[1], params['bo'].shape)
-  y, metrics = jax.jit(lambda p: mlp.apply({'params': p}, x, deterministic=True))(params)
+  y, metrics = jax.jit(lambda p: mlp.apply({'params': p}, x, train=False))(params)
   expected = reference_layer(x, params, router, k, cf, bpr, group_size=2)
   scale = np.abs(expected).max()
   np.testing.assert_allclose(np.asarray(y, np.float64), expected, atol=1e-5 * scale)
@@ -174,12 +174,12 @@ def test_dropless_on_many_tokens_drops_nothing_and_matches_the_loop():
   u = jnp.ones((WIDTH,)) / math.sqrt(WIDTH)
   x = jax.random.normal(jax.random.key(3), (16, TOKENS, WIDTH)) + 3.0 * u
   mlp = layer.MoeMlp(spec)
-  variables = mlp.init(jax.random.key(4), x, deterministic=True)
+  variables = mlp.init(jax.random.key(4), x, train=False)
   params = jax.tree.map(
     lambda a: getattr(a, 'value', a), variables['params'], is_leaf=lambda a: hasattr(a, 'value')
   )
   params['router'] = params['router'].at[:, 0].set(3.0 * u)
-  y, metrics = mlp.apply({'params': params}, x, deterministic=True)
+  y, metrics = mlp.apply({'params': params}, x, train=False)
   # Nearly every token has expert 0 among its K = 2: half of all assignments.
   assert float(metrics['expert_load'][0]) > 0.45 and float(metrics['dropped']) == 0.0
   expected = reference_layer(x, params, 'dropless', 2, 1.0, False, group_size=16)

@@ -191,9 +191,9 @@ def test_bfloat16_router_and_losses_stay_float32(data):
   x = jax.random.normal(jax.random.key(4), (4, 8, 32)).astype(jnp.bfloat16)
   spec = MoeSpec(num_experts=4, layers=(0,), mlp_dim=16, group_size=0)
   mlp = layer.MoeMlp(spec, dtype=jnp.bfloat16)
-  variables = mlp.init({'params': jax.random.key(5)}, x, deterministic=True)
+  variables = mlp.init({'params': jax.random.key(5)}, x, train=False)
   assert variables['params']['wi'].value.dtype == jnp.float32
-  y, metrics = mlp.apply(variables, x, deterministic=True)
+  y, metrics = mlp.apply(variables, x, train=False)
   assert y.dtype == jnp.bfloat16
   assert all(v.dtype == jnp.float32 for v in metrics.values())
   # The router logits are float32: the z-loss reported equals the one of
@@ -222,18 +222,18 @@ def test_low_eval_capacity_processes_proportionally_fewer_tokens(capacity_factor
     group_size=0,
   )
   mlp = layer.MoeMlp(spec)
-  variables = mlp.init({'params': jax.random.key(7)}, x, deterministic=True)
-  _, metrics = mlp.apply(variables, x, deterministic=True)
+  variables = mlp.init({'params': jax.random.key(7)}, x, train=False)
+  _, metrics = mlp.apply(variables, x, train=False)
   capacity = max(1, int(np.ceil(64 * capacity_factor / 4)))
   # At most E * C of the 64 assignments are kept: dropped >= 1 - cf.
   assert float(metrics['dropped']) >= 1 - 4 * capacity / 64 - 1e-6
   # Training uses the training factor (1.25) and drops far fewer.
-  _, train_metrics = mlp.apply(variables, x, deterministic=False)
+  _, train_metrics = mlp.apply(variables, x, train=True)
   assert float(train_metrics['dropped']) < float(metrics['dropped'])
 
 
 def unboxed_init(module, x, **kwargs):
-  variables = module.init(jax.random.key(1), x, deterministic=True, **kwargs)
+  variables = module.init(jax.random.key(1), x, train=False, **kwargs)
   return nn.meta.unbox(variables)['params']
 
 
@@ -270,7 +270,7 @@ def test_padded_rows_take_no_capacity(router, k, bpr):
 
   def run(x, mask=None):
     (y, metrics), state = mlp.apply(
-      {'params': params}, x, deterministic=True, mask=mask, mutable=['intermediates']
+      {'params': params}, x, train=False, mask=mask, mutable=['intermediates']
     )
     return y, metrics, state['intermediates']['routing'][0]
 
@@ -340,7 +340,7 @@ def test_a_new_router_is_one_table_entry(monkeypatch):
   x = jax.random.normal(jax.random.key(0), (2, 5, 32))
   mlp = layer.MoeMlp(spec)
   params = unboxed_init(mlp, x)
-  y, metrics = mlp.apply({'params': params}, x, deterministic=True)
+  y, metrics = mlp.apply({'params': params}, x, train=False)
   expected = layer.expert_mlp(
     x.reshape(1, 10, 32), {k: params[k][:1] for k in layer.EXPERT_PARAMS}, None, 0.0, jnp.float32
   )
@@ -354,8 +354,8 @@ def test_a_group_of_padding_only_gives_finite_outputs(case):
   x = jax.random.normal(jax.random.key(6), (4, 5, 32))
   mask = jnp.array([1, 1, 0, 0], jnp.float32)  # Groups of 2 images: the second is padding.
   mlp = layer.MoeMlp(make_spec(**case))
-  variables = mlp.init({'params': jax.random.key(7)}, x, deterministic=True)
-  y, metrics = mlp.apply(variables, x, deterministic=True, mask=mask)
+  variables = mlp.init({'params': jax.random.key(7)}, x, train=False)
+  y, metrics = mlp.apply(variables, x, train=False, mask=mask)
   assert np.all(np.isfinite(y))
   assert all(np.all(np.isfinite(v)) for v in metrics.values())
 
@@ -372,7 +372,7 @@ def test_combine_scale_gives_a_uniform_router_the_dense_mlp_weight(router, k):
   common.update(eval_capacity_factor=8.0)  # No drops: capacity holds every assignment.
   one = layer.MoeMlp(MoeSpec(num_experts=1, num_selected=1, **common))
   one_params = unboxed_init(one, x)
-  y_one, _ = one.apply({'params': one_params}, x, deterministic=True)
+  y_one, _ = one.apply({'params': one_params}, x, train=False)
 
   def layer_output(scale):
     mlp = layer.MoeMlp(MoeSpec(num_experts=8, num_selected=k, combine_scale=scale, **common))
@@ -381,7 +381,7 @@ def test_combine_scale_gives_a_uniform_router_the_dense_mlp_weight(router, k):
       name: (jnp.zeros_like(p) if name == 'router' else jnp.repeat(one_params[name], 8, axis=0))
       for name, p in params.items()
     }
-    y, metrics = mlp.apply({'params': params}, x, deterministic=True)
+    y, metrics = mlp.apply({'params': params}, x, train=False)
     assert float(metrics['dropped']) == 0
     np.testing.assert_allclose(metrics['top1_gate'], 1 / 8, rtol=1e-6)
     return y

@@ -151,7 +151,7 @@ def test_soft_moe_slot_parameters_have_fan_in_experts_times_width():
   spec = spec_of(num_experts=experts, router='soft', slots_per_expert=slots)
   mlp = layer.MoeMlp(spec)
   x = jnp.ones((1, 4, width))
-  params = nn.meta.unbox(mlp.init(jax.random.key(0), x, deterministic=True)['params'])
+  params = nn.meta.unbox(mlp.init(jax.random.key(0), x, train=False)['params'])
   assert params['router'].shape == (width, experts * slots)
   std = float(np.std(np.asarray(params['router'])))
   assert abs(std - 1 / 32) < 0.05 / 32, std  # 4,096 draws: the estimate is within ~1.1%.
@@ -185,9 +185,9 @@ def test_padded_batch_metrics_are_the_same_sharded_and_unsharded(case):
   x = jax.random.normal(jax.random.key(0), (16, 6, 16))
   mask = jnp.arange(16) < 13
   reference = layer.MoeMlp(spec)
-  boxed = reference.init(jax.random.key(1), x, deterministic=True)['params']
+  boxed = reference.init(jax.random.key(1), x, train=False)['params']
   params = nn.meta.unbox(boxed)
-  apply = lambda model, p: model.apply({'params': p}, x, deterministic=True, mask=mask)
+  apply = lambda model, p: model.apply({'params': p}, x, train=False, mask=mask)
   y_ref, metrics_ref = jax.jit(lambda p: apply(reference, p))(params)
   if case['router'] in ('topk', 'image_topk', 'expert_choice'):
     assert 0 < float(metrics_ref['dropped']) < 1  # The case drops, so the share is tested.

@@ -182,14 +182,14 @@ class MlpBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     width = x.shape[-1]
     init = dict(
       kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.normal(stddev=1e-6)
     )
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, **init)(x)
     x = nn.gelu(x)
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     return nn.Dense(width, dtype=self.dtype, **init)(x)
 
 
@@ -205,30 +205,26 @@ class EncoderBlock(nn.Module):
   mesh: Mesh | None = None
 
   @nn.compact
-  def __call__(
-    self, x: jax.Array, *, deterministic: bool, mask=None
-  ) -> tuple[jax.Array, dict | None]:
+  def __call__(self, x: jax.Array, *, train: bool, mask=None) -> tuple[jax.Array, dict | None]:
     y = nn.LayerNorm(dtype=self.dtype, name='norm_attention')(x)
     y = nn.MultiHeadDotProductAttention(
       num_heads=self.num_heads,
       dtype=self.dtype,
       kernel_init=nn.initializers.xavier_uniform(),
       dropout_rate=self.attention_dropout_rate,
-      deterministic=deterministic,
+      deterministic=not train,
       name='attention',
     )(y, y)
-    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=not train)
     y = nn.LayerNorm(dtype=self.dtype, name='norm_mlp')(x)
     metrics = None
     if self.moe is not None:
       y, metrics = moe_layer.MoeMlp(self.moe, dtype=self.dtype, mesh=self.mesh, name='moe')(
-        y, deterministic=deterministic, mask=mask
+        y, train=train, mask=mask
       )
     else:
-      y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name='mlp')(
-        y, deterministic=deterministic
-      )
-    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+      y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name='mlp')(y, train=train)
+    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=not train)
     return x, metrics
 
 
@@ -262,7 +258,6 @@ class ViT(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool, mask=None) -> tuple[jax.Array, dict]:
     """images (B, H, W, C), mask (B,) (0 for padding rows, evaluation) -> logits, extras."""
-    deterministic = not train
     if self.stem == 'conv':
       x = ConvStem(
         self.width, self.patch_size, self.dtype, extra_convs=self.stem_extra_convs, name='stem'
@@ -283,7 +278,7 @@ class ViT(nn.Module):
       x = jnp.concatenate([jnp.tile(cls.astype(self.dtype), (batch, 1, 1)), x], axis=1)
     pos = self.param('pos_embedding', nn.initializers.normal(stddev=0.02), (1, *x.shape[1:]))
     x = x + pos.astype(self.dtype)
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
 
     moe_metrics = {}
     for i in range(self.depth):
@@ -296,7 +291,7 @@ class ViT(nn.Module):
         moe=self.moe if i in self.moe_layers else None,
         mesh=self.mesh,
         name=f'block_{i:02d}',
-      )(x, deterministic=deterministic, mask=mask)
+      )(x, train=train, mask=mask)
       if metrics is not None:
         moe_metrics[i] = metrics
     x = nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)

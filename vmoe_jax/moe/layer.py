@@ -257,7 +257,12 @@ class MoeMlp(nn.Module):
     return params
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool, mask=None) -> tuple[jax.Array, dict]:
+  def __call__(self, x: jax.Array, *, train: bool, mask=None) -> tuple[jax.Array, dict]:
+    """x (B, T, D), mask (B,) (0 for padding rows) -> (B, T, D), metrics.
+
+    `train`: training routing (noise, dropout, the training capacity), as
+    `vmoe_jax.models.vit.ViT(..., train=)`; else evaluation routing.
+    """
     batch, tokens, width = x.shape
     spec = self.spec
     if self.mesh is not None:
@@ -268,15 +273,14 @@ class MoeMlp(nn.Module):
     num_logits = router.num_logits(spec, group_tokens_count)
     params = self._params(width, num_logits, router)
     noise = None
-    if not deterministic and spec.noise_std > 0 and router.uses_noise:
+    if train and spec.noise_std > 0 and router.uses_noise:
       noise = (spec.noise_std / spec.num_experts) * jax.random.normal(
         self.make_rng('router'), (batch, tokens, num_logits), jnp.float32
       )
     dropout_key = None
-    if not deterministic and spec.dropout > 0:
+    if train and spec.dropout > 0:
       dropout_key = self.make_rng('dropout')
     x = x.astype(self.dtype)
-    train = not deterministic
     if self.mesh is None or self.mesh.size == 1:  # One device: no collectives to run.
       y, metrics, per_token = moe_forward(
         x, mask, params, noise, dropout_key, spec=spec, train=train, mesh_axes=None

@@ -229,11 +229,13 @@ def route_image_topk(inputs: RouterInputs, spec: MoeSpec) -> RouterOutput:
   never rounded). Noise: one draw per image (the noise of its first token).
   """
   num_groups, num_tokens, num_experts = inputs.logits.shape
-  t = inputs.tokens_per_image
-  n = num_tokens // t
+  tokens_per_image = inputs.tokens_per_image
+  num_images = num_tokens // tokens_per_image
 
-  def per_image(a):
-    return None if a is None else a.reshape(num_groups, n, t, *a.shape[2:])
+  def per_image(array):
+    if array is None:
+      return None
+    return array.reshape(num_groups, num_images, tokens_per_image, *array.shape[2:])
 
   image_mask = None if inputs.mask is None else per_image(inputs.mask)[:, :, 0]
   image_inputs = RouterInputs(
@@ -244,7 +246,7 @@ def route_image_topk(inputs: RouterInputs, spec: MoeSpec) -> RouterOutput:
     train=inputs.train,
   )
   gates = jax.nn.softmax(_noisy(image_inputs), axis=-1)
-  capacity = images_per_expert(spec, n, inputs.train)
+  capacity = images_per_expert(spec, num_images, inputs.train)
   factor = spec.capacity_factor_for(inputs.train)
   limit = routing.effective_capacity(image_mask, num_experts, spec.num_selected, factor)
   images = routing.route(
@@ -255,14 +257,14 @@ def route_image_topk(inputs: RouterInputs, spec: MoeSpec) -> RouterOutput:
     renormalize=spec.renormalize,
     mask=image_mask,
   )  # (G, N, K)
-  token = jnp.arange(t, dtype=jnp.int32)[None, None, :, None]
+  token = jnp.arange(tokens_per_image, dtype=jnp.int32)[None, None, :, None]
 
-  def to_tokens(a):
-    return jnp.broadcast_to(a[:, :, None], (num_groups, n, t, a.shape[-1])).reshape(
-      num_groups, num_tokens, -1
-    )
+  def to_tokens(array):
+    shape = (num_groups, num_images, tokens_per_image, array.shape[-1])
+    return jnp.broadcast_to(array[:, :, None], shape).reshape(num_groups, num_tokens, -1)
 
-  slot = jnp.where(images.slot[:, :, None] >= 0, images.slot[:, :, None] * t + token, -1)
+  image_slot = images.slot[:, :, None]
+  slot = jnp.where(image_slot >= 0, image_slot * tokens_per_image + token, -1)
   view = routing.Routing(
     expert_index=to_tokens(images.expert_index),
     slot=slot.reshape(num_groups, num_tokens, -1),
@@ -270,7 +272,8 @@ def route_image_topk(inputs: RouterInputs, spec: MoeSpec) -> RouterOutput:
   )
   metrics = gate_losses(image_inputs, gates, spec, _noise_std(inputs, spec))
   metrics.update(assignment_metrics(images, gates, image_mask, num_experts))
-  plan = plans.from_routing(view, num_experts, image_capacity(spec, num_tokens, t, inputs.train))
+  buffer_capacity = image_capacity(spec, num_tokens, tokens_per_image, inputs.train)
+  plan = plans.from_routing(view, num_experts, buffer_capacity)
   return RouterOutput(plan, metrics, view, token_weights(image_mask, gates.shape))
 
 

@@ -216,37 +216,39 @@ def _mismatch(path: str, source_shape, target_shape) -> str:
   )
 
 
-def _head(m: _Mapper, path: str):
+def _head(mapper: _Mapper, path: str):
   """Rule 2: the classifier head; zeros when the classes (or anything) differ."""
-  target = m.target[path]
-  if path in m.source and _shape(m.source[path]) == _shape(target):
-    return m.load(path)
-  note = f'zeros; the source has {_shape(m.source[path])}' if path in m.source else 'zeros'
-  m.used.add(path)
-  m.entry(path, 'fresh', note=note)
+  target = mapper.target[path]
+  if path in mapper.source and _shape(mapper.source[path]) == _shape(target):
+    return mapper.load(path)
+  note = 'zeros'
+  if path in mapper.source:
+    note = f'zeros; the source has {_shape(mapper.source[path])}'
+  mapper.used.add(path)
+  mapper.entry(path, 'fresh', note=note)
   return np.zeros(target.shape, target.dtype)
 
 
-def _pos_embedding(m: _Mapper, path: str):
+def _pos_embedding(mapper: _Mapper, path: str):
   """Rule 3: the position embeddings, resized when the patch grid differs."""
-  if path not in m.source:
-    return m.load(path)
-  value, target = m.source[path], m.target[path]
+  if path not in mapper.source:
+    return mapper.load(path)
+  value, target = mapper.source[path], mapper.target[path]
   source_shape, target_shape = _shape(value), _shape(target)
   if len(source_shape) != 3 or source_shape[-1] != target_shape[-1]:
-    m.used.add(path)
-    return m.mismatch(path, _mismatch(path, source_shape, target_shape))
-  source_tokens, target_tokens = int('cls' in m.source), int('cls' in m.target)
-  source_grid = grid_of('source', m.source_grid, source_shape[1] - source_tokens, source_shape)
-  target_grid = grid_of('target', m.target_grid, target_shape[1] - target_tokens, target_shape)
+    mapper.used.add(path)
+    return mapper.mismatch(path, _mismatch(path, source_shape, target_shape))
+  source_tokens, target_tokens = int('cls' in mapper.source), int('cls' in mapper.target)
+  source_grid = grid_of('source', mapper.source_grid, source_shape[1] - source_tokens, source_shape)
+  target_grid = grid_of('target', mapper.target_grid, target_shape[1] - target_tokens, target_shape)
   if source_shape == target_shape and source_grid == target_grid:
-    return m.load(path)
-  m.used.add(path)
+    return mapper.load(path)
+  mapper.used.add(path)
   resized = resize_pos_embedding(
     value, source_grid, target_grid, source_tokens=source_tokens, target_tokens=target_tokens
   )
   note = f'grid {source_grid} -> {target_grid}, bilinear, corners aligned'
-  m.entry(path, 'resized', path, note=note)
+  mapper.entry(path, 'resized', path, note=note)
   return _cast(resized, target)
 
 
@@ -263,17 +265,17 @@ def _noise(rng, path: str, shape) -> np.ndarray:
   return generator.standard_normal(shape, dtype=np.float32)
 
 
-def _upcycle(m: _Mapper, path: str, block: str, name: str):
+def _upcycle(mapper: _Mapper, path: str, block: str, name: str):
   """Rule 4: an expert parameter from the dense MLP of the same source block."""
   if name not in MOE_FROM_MLP:
-    return m.fresh(path, 'new MoE parameter (upcycling)')
+    return mapper.fresh(path, 'new MoE parameter (upcycling)')
   source_path = f'{block}/mlp/{MOE_FROM_MLP[name]}'
-  if source_path not in m.source:
-    return m.load(path, source_path)
-  value, target = m.source[source_path], m.target[path]
-  m.used.add(source_path)
+  if source_path not in mapper.source:
+    return mapper.load(path, source_path)
+  value, target = mapper.source[source_path], mapper.target[path]
+  mapper.used.add(source_path)
   if _shape(value) != _shape(target)[1:]:
-    return m.mismatch(
+    return mapper.mismatch(
       path,
       f'cannot upcycle {source_path} into {path}: the source has shape {_shape(value)}, each '
       f"target expert {_shape(target)[1:]}; use a target with the source's width and MLP width "
@@ -282,61 +284,61 @@ def _upcycle(m: _Mapper, path: str, block: str, name: str):
   value = np.asarray(value, np.float32)
   experts = np.broadcast_to(value, _shape(target))
   note = 'copied into every expert'
-  if m.noise_std > 0:
-    experts = experts + m.noise_std * value.std() * _noise(m.rng, path, experts.shape)
-    note += f', noise {m.noise_std} x std'
-  m.entry(path, 'upcycled', source_path, note=note)
+  if mapper.noise_std > 0:
+    experts = experts + mapper.noise_std * value.std() * _noise(mapper.rng, path, experts.shape)
+    note += f', noise {mapper.noise_std} x std'
+  mapper.entry(path, 'upcycled', source_path, note=note)
   return np.array(experts, dtype=target.dtype)  # A copy: the broadcast is a view.
 
 
-def _dense_from_moe(m: _Mapper, path: str, block: str, name: str):
+def _dense_from_moe(mapper: _Mapper, path: str, block: str, name: str):
   """Rule 5: a dense MLP parameter of a block that is an MoE in the source."""
-  m.dropped.update(p for p in m.source if p.startswith(f'{block}/moe/'))
-  if m.moe_to_dense == 'error':
+  mapper.dropped.update(p for p in mapper.source if p.startswith(f'{block}/moe/'))
+  if mapper.moe_to_dense == 'error':
     index = int(block.split('_')[1])
     raise UserError(
       f'cannot map {block}/moe into the dense {block}/mlp: the source block is an MoE, the '
       f"target's is dense; make block {index} an MoE layer of the target "
       '(--config.model.moe.layers), or distil the MoE into a dense student (config.distill)'
     )
-  if m.moe_to_dense == 'fresh' or name not in MLP_FROM_MOE:
-    return m.fresh(path, 'the source block is an MoE')
+  if mapper.moe_to_dense == 'fresh' or name not in MLP_FROM_MOE:
+    return mapper.fresh(path, 'the source block is an MoE')
   source_path = f'{block}/moe/{MLP_FROM_MOE[name]}'
-  if source_path not in m.source:
-    return m.load(path, source_path)
-  value, target = m.source[source_path], m.target[path]
-  m.used.add(source_path)
+  if source_path not in mapper.source:
+    return mapper.load(path, source_path)
+  value, target = mapper.source[source_path], mapper.target[path]
+  mapper.used.add(source_path)
   if _shape(value)[1:] != _shape(target):
-    return m.mismatch(
+    return mapper.mismatch(
       path,
       f'cannot average {source_path} into {path}: the source has shape {_shape(value)}, the '
       f"target {_shape(target)}; use a target with the source's width and MLP width "
       '(--config.model.width, --config.model.mlp_dim) or a source that matches',
     )
   mean = np.asarray(value, np.float32).mean(axis=0)
-  m.entry(path, 'averaged', source_path, note=f'mean of {_shape(value)[0]} experts')
+  mapper.entry(path, 'averaged', source_path, note=f'mean of {_shape(value)[0]} experts')
   return _cast(mean, target)
 
 
-def _map_one(m: _Mapper, path: str):
+def _map_one(mapper: _Mapper, path: str):
   """The value of one target parameter (rules 1-7 of the module docstring)."""
-  if any(path.startswith(prefix) for prefix in m.keep_fresh):
-    return m.fresh(path, 'keep_fresh')
+  if any(path.startswith(prefix) for prefix in mapper.keep_fresh):
+    return mapper.fresh(path, 'keep_fresh')
   if path.startswith('head/'):
-    return _head(m, path)
+    return _head(mapper, path)
   if path == 'pos_embedding':
-    return _pos_embedding(m, path)
+    return _pos_embedding(mapper, path)
   match = _BLOCK.fullmatch(path)
-  if match and path not in m.source:
+  if match and path not in mapper.source:
     block, kind, name = match.groups()
     other = 'mlp' if kind == 'moe' else 'moe'
-    if any(p.startswith(f'{block}/{other}/') for p in m.source):
-      return (
-        _upcycle(m, path, block, name) if kind == 'moe' else _dense_from_moe(m, path, block, name)
-      )
-  if path.startswith('map_head/') and path not in m.source:
-    return m.fresh(path, 'new MAP head')
-  return m.load(path)
+    if any(p.startswith(f'{block}/{other}/') for p in mapper.source):
+      if kind == 'moe':
+        return _upcycle(mapper, path, block, name)
+      return _dense_from_moe(mapper, path, block, name)
+  if path.startswith('map_head/') and path not in mapper.source:
+    return mapper.fresh(path, 'new MAP head')
+  return mapper.load(path)
 
 
 def _block_of(path: str) -> str | None:
@@ -344,14 +346,18 @@ def _block_of(path: str) -> str | None:
   return match.group(1) if match else None
 
 
-def _check_unused(m: _Mapper) -> None:
+def _check_unused(mapper: _Mapper) -> None:
   """Report unused source paths; a UserError for those of a block the target has."""
-  target_blocks = {_block_of(p) for p in m.target} - {None}
-  unused = [p for p in m.source if p not in m.used]
+  target_blocks = {_block_of(p) for p in mapper.target} - {None}
+  unused = [p for p in mapper.source if p not in mapper.used]
   for path in unused:
-    m.report.append(Entry(path, 'unused', path, _shape(m.source[path])))
-  kept = lambda path: path in m.dropped or any(path.startswith(k) for k in m.keep_fresh)
-  stray = [p for p in unused if _block_of(p) in target_blocks and not kept(p) and not m.lenient]
+    mapper.report.append(Entry(path, 'unused', path, _shape(mapper.source[path])))
+  kept = lambda path: path in mapper.dropped or any(path.startswith(k) for k in mapper.keep_fresh)
+  stray = [
+    source_path
+    for source_path in unused
+    if _block_of(source_path) in target_blocks and not kept(source_path) and not mapper.lenient
+  ]
   if stray:
     block = _block_of(stray[0])
     raise UserError(
@@ -406,7 +412,7 @@ def init_params(
       'pass rng=jax.random.key(seed) or set the noise to 0.'
     )
   boxed = flatten(target)
-  m = _Mapper(
+  mapper = _Mapper(
     source={p: _unbox(v) for p, v in flatten(source).items()},
     target={p: _unbox(v) for p, v in boxed.items()},
     source_grid=source_grid,
@@ -417,22 +423,23 @@ def init_params(
     keep_fresh=tuple(keep_fresh),
     lenient=lenient,
   )
-  values = {path: _map_one(m, path) for path in m.target}
-  if m.mismatched:
+  values = {path: _map_one(mapper, path) for path in mapper.target}
+  if mapper.mismatched:
     # The most telling mismatch: the patch embedding, then the experts, then kernels.
     rank = lambda path: (path != 'embedding/kernel', not path.endswith('/wi'), 'kernel' not in path)
-    raise UserError(min(m.mismatched, key=lambda item: rank(item[0]))[1])
-  if m.missing:
+    raise UserError(min(mapper.mismatched, key=lambda item: rank(item[0]))[1])
+  if mapper.missing:
     raise UserError(
-      f"the source lacks {len(m.missing)} of the target's parameters ({_listing(m.missing)}); "
-      'use a source with the same architecture, or keep them fresh (keep_fresh)'
+      f"the source lacks {len(mapper.missing)} of the target's parameters "
+      f'({_listing(mapper.missing)}); use a source with the same architecture, or keep them '
+      'fresh (keep_fresh)'
     )
-  _check_unused(m)
+  _check_unused(mapper)
   out = {
     p: boxed[p].replace_boxed(v) if isinstance(boxed[p], nn.meta.AxisMetadata) else v
     for p, v in values.items()
   }
-  return unflatten(out), m.report
+  return unflatten(out), mapper.report
 
 
 def format_report(report: Report, prefix: str = 'init_from') -> str:
@@ -443,7 +450,7 @@ def format_report(report: Report, prefix: str = 'init_from') -> str:
   """
   parts = []
   for action in ACTIONS:
-    entries = [e for e in report if e.action == action]
+    entries = [entry for entry in report if entry.action == action]
     if not entries and action != 'loaded':
       continue
     part = f'{len(entries)} {action}'
