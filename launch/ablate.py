@@ -18,13 +18,10 @@ Trains nothing: `vmoe_jax.evaluation.ablation`.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from vmoe_jax.errors import UserError  # noqa: E402  pylint: disable=wrong-import-position
-from vmoe_jax.evaluation import ablation  # noqa: E402  pylint: disable=wrong-import-position
+from vmoe_jax.errors import UserError
+from vmoe_jax.evaluation import ablation
 
 
 def main(argv=None) -> int:

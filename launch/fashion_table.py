@@ -43,11 +43,10 @@ import subprocess
 import sys
 import time
 
-LAUNCH_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(LAUNCH_DIR)
-sys.path.insert(0, LAUNCH_DIR)
+from vmoe_jax.tools import run_logs
 
-import sweep  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+# The repository: the configs' paths are relative to it.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Row name -> (config, overrides). Every row trains at equal active FLOPs per
 # image except where the name says otherwise (K=2 V-MoE runs two experts of
@@ -136,7 +135,7 @@ def run_logged(cmd: list[str], workdir: str, label: str) -> tuple[int, float]:
   """Runs a command into workdir/train.log, echoing progress; (exit status, seconds)."""
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
-  code = sweep._run_logged(cmd, os.path.join(workdir, 'train.log'), label)  # pylint: disable=protected-access
+  code = run_logs.run_logged(cmd, os.path.join(workdir, 'train.log'), label, REPO)
   return code, time.perf_counter() - start
 
 
@@ -166,7 +165,7 @@ def train_all(
       continue
     code, seconds = run_logged(cmd, workdir, label)
     if code:
-      reason = sweep.failure_line(os.path.join(workdir, 'train.log'))
+      reason = run_logs.failure_line(os.path.join(workdir, 'train.log'))
       print(f'{label} FAILED (exit status {code}): {reason}', flush=True)
       continue
     with open(os.path.join(workdir, 'command_seconds.json'), 'w') as f:
