@@ -10,6 +10,8 @@ configs/fashion_vit.py trained on 0.5 * CE(labels) + 0.5 * T^2 * KL(teacher
 step; its baseline is configs/fashion_vit.py itself (same steps, seed).
 `--config.distill.init_from_teacher=True` starts the student from the
 teacher's non-expert weights (the Switch paper's initialisation).
+
+Expected: not measured yet.
 """
 
 from vmoe_jax.schema import defaults

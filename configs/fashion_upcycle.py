@@ -18,6 +18,10 @@ always 1, so the task would never train the router. The MoE layers run two
 experts per token: twice the dense MLP's FLOPs there. Then `num_steps` more
 steps at a lower learning rate (5e-4, 50 warmup steps, cosine), evaluated
 every 100 steps and at step 0.
+
+Expected: at step 0, the upstream's test accuracy exactly
+(`tests/mapping_test.py`, `tests/warm_start_test.py`); the accuracy after
+training is not measured yet.
 """
 
 from vmoe_jax.schema import defaults
