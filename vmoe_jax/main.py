@@ -8,10 +8,10 @@ needs no device, before anything is written to the workdir or processes wait
 for each other), joins a multi-process run when the flags or the environment
 describe one (see `distributed`; every process runs this same command), and
 calls `train.train_and_evaluate(config, workdir)`, which checks the config
-against the devices and processes of the run. Problems the
-user can fix (bad config keys or values, a bad `:ARG` of a config file,
-missing data, unreadable checkpoints, processes that cannot meet) are printed
-as one line, exit status 2.
+against the devices and processes of the run. Problems the user can fix (bad
+config keys or values, a bad `:ARG` of a config file, missing data,
+unreadable checkpoints, processes that cannot meet) are printed as one line,
+exit status 2.
 """
 
 import logging
