@@ -291,8 +291,7 @@ def _check_transfer(values) -> None:
     raise UserError(
       'fewshot.val_per_class=0 leaves no held-out images to choose among the '
       f'{len(values["fewshot.l2_regs"])} fewshot.l2_regs; pass e.g. '
-      '--config.fewshot.val_per_class=20 '
-      'or a single L2 value.'
+      '--config.fewshot.val_per_class=20 or a single L2 value.'
     )
 
 
