@@ -13,25 +13,18 @@ Fashion-MNIST checkpoint maps onto it: 8x8 digits give a 2x2 token grid
 instead of 7x7 (the position embedding is resized bilinearly), and the
 head, of the same 10 classes, is loaded too (init_from keeps what matches).
 300 steps of AdamW 1e-3 (cosine, 50 warmup steps), 1-pixel shifts.
-Measured (`launch/transfer_table.py --flows=finetune`) with the previous
-fashion_vit recipe as upstream (no extra stem convolutions, 1,200 steps of
-batch 128, its seed-0 run at 86.24%); not yet repeated with the current
-one. Digits test accuracy after 300 steps:
 
-  all 1,438 train images: fine-tuned 96.66%, from scratch 97.49%
-  10 images per class:    fine-tuned 76.60%, from scratch 76.32%
-
-At 8x8 pixels the model sees a 2x2 token grid through a stem trained on
-28x28 clothing: the upstream features do not transfer here (+0.28 points
-at 10 per class, -0.83 on all images).
+Expected: 96.66% digits test accuracy fine-tuned on all train images (from
+scratch 97.49%), measured with the previous fashion_vit recipe as upstream
+(commit 7b7da04, 2026-12-01; docs/experiments/config_history.md).
 """
 
-from vmoe_jax import config_defaults
+from vmoe_jax.schema import defaults
 
 
 def get_config(arg=None):
-  arg = config_defaults.config_arg(arg, ('10shot',), __file__)
-  config = config_defaults.sibling_config(__file__, 'fashion_vit.py')
+  arg = defaults.config_arg(arg, ('10shot',), __file__)
+  config = defaults.sibling_config(__file__, 'fashion_vit.py')
   config.input.dataset = 'digits'
   config.input.train_split = 'train'
   config.input.test_split = 'test'

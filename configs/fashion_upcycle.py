@@ -13,15 +13,18 @@ expert an exact copy of its block's dense MLP (Komatsuzaki et al. 2023,
 function: the router is dropless top-2 with renormalised combine weights
 (each token's two weights sum to 1, and no token is dropped for capacity),
 so at step 0 every token gets 1 x MLP(x), in training and in evaluation
-(`tests/transfer_test.py`). Top-1 would not do: its renormalised weight is
+(`tests/mapping_test.py`). Top-1 would not do: its renormalised weight is
 always 1, so the task would never train the router. The MoE layers run two
 experts per token: twice the dense MLP's FLOPs there. Then `num_steps` more
 steps at a lower learning rate (5e-4, 50 warmup steps, cosine), evaluated
 every 100 steps and at step 0.
+
+Expected: at step 0, the upstream's test accuracy exactly
+(`tests/mapping_test.py`, `tests/warm_start_test.py`); the accuracy after
+training is not measured yet.
 """
 
-from vmoe_jax import config_defaults
-
+from vmoe_jax.schema import defaults
 
 # ':dense' continues the dense model instead; ':val' and ':w16' ... ':w128' as
 # configs/fashion_vit.py (comma-separated, e.g. ':w32,val').
@@ -29,11 +32,11 @@ ARGS = ('dense', 'val', 'w16', 'w32', 'w64', 'w128')
 
 
 def get_config(arg=None):
-  args = config_defaults.config_args(arg, ARGS, __file__)
+  args = defaults.config_args(arg, ARGS, __file__)
   base = ','.join(sorted(args - {'dense'}))
-  config = config_defaults.sibling_config(__file__, 'fashion_vit.py', base)
+  config = defaults.sibling_config(__file__, 'fashion_vit.py', base)
   if 'dense' not in args:
-    config_defaults.apply_moe_preset(config, 'switch')
+    defaults.apply_moe_preset(config, 'switch')
     moe = config.model.moe
     moe.num_experts = 8
     moe.layers = '0,2'

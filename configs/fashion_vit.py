@@ -7,28 +7,21 @@ r"""Dense ViT on Fashion-MNIST: the benchmark of these machines.
 Model: 28x28 grey images, a convolutional stem (Xiao et al. 2021: two 3x3
 stride-2 convolutions to 7x7 tokens, then two stride-1 3x3 convolutions at
 7x7, `model.stem_extra_convs='0,2'`; all counted in the FLOPs), width 128,
-depth 4, 4 heads, MLP 512, global average pooling. AdamW 1e-3 with a cosine
-decay after 200 warmup steps, batch 64, 5,600 steps (6.0 epochs), no
-augmentation, no label smoothing.
+depth 4, 4 heads, MLP 512, global average pooling; 1.188M parameters, 0.120
+GFLOPs/image. AdamW 1e-3 with a cosine decay after 200 warmup steps, batch
+64, 5,600 steps (6.0 epochs), no augmentation, no label smoothing.
 
 `:val` trains on train[:54000] and evaluates on train[54000:] (the held-out
 slice all tuning used; the test split was never looked at while tuning).
-What was tried is in docs/experiments/fashion_mnist.md; the README's results table is
+What was tried is in docs/experiments/fashion_mnist.md, earlier results in
+docs/experiments/config_history.md; the README's results table is
 `python launch/fashion_table.py --table=main`.
 
-Measured (stop 24's 2-core machine, an Intel Xeon with AVX-512/AMX that runs
-the step 2.2x as fast as earlier sessions' machine; one device, each run
-alone): 91.73% / 91.78% test accuracy (seeds 0 / 1); 17.1 / 16.4 min
-training, 17.6 min for seed 0's whole command; 0.179 s a step (357
-training images/s); 1.188M parameters, 0.120 GFLOPs/image. With 3,000
-steps on the earlier machine: 90.30% / 90.55%. On stop 25's machine (an
-AMD EPYC with AVX2) the step takes 0.375 s: about 35 min of training. On
-stop 32's (an Intel Xeon with AVX-512, alone): seed 0 the same 91.73%,
-0.241 s a step, 22.7 min training, 23.3 min the command; seed 2 91.67%
-(mean of the three seeds 91.73 +- 0.06%).
+Expected: 91.73 +- 0.06% test accuracy (seeds 0, 1, 2), about 17-23 min of
+training on 2 CPU cores (commit 5ebd70b, 2026-12-05).
 """
 
-from vmoe_jax import config_defaults
+from vmoe_jax.schema import defaults
 
 # ':wN' arguments: the model at width N (depth 4, MLP 4N, heads of width 32),
 # the recipe otherwise; ':w128' is the default model.
@@ -37,8 +30,8 @@ ARGS = ('val', *WIDTHS)
 
 
 def get_config(arg=None):
-  args = config_defaults.config_args(arg, ARGS, __file__)
-  config = config_defaults.get_config()
+  args = defaults.config_args(arg, ARGS, __file__)
+  config = defaults.get_config()
 
   width = next((WIDTHS[a] for a in args if a in WIDTHS), 128)
   config.model.patch_size = 4

@@ -12,19 +12,16 @@ evaluated with the trained weights otherwise untouched. Prints the table and
 writes ablation.md and ablation.json into OUTPUT_DIR (default WORKDIR/eval).
 `--split` evaluates another split of the run's dataset (files
 ablation_<split>.md/json): on training images, the generalisation gap.
-Trains nothing: `vmoe_jax.tools.ablation`.
+Trains nothing: `vmoe_jax.evaluation.ablation`.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from vmoe_jax.errors import UserError  # noqa: E402  pylint: disable=wrong-import-position
-from vmoe_jax.tools import ablation  # noqa: E402  pylint: disable=wrong-import-position
+from vmoe_jax.errors import UserError
+from vmoe_jax.evaluation import ablation
 
 
 def main(argv=None) -> int:

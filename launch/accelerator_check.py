@@ -115,12 +115,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vmoe_jax import idx_files
-from vmoe_jax import input_pipeline
-from vmoe_jax import sharding
+from vmoe_jax.data import idx_files
+from vmoe_jax.data import input_pipeline
 from vmoe_jax.models import factory
 from vmoe_jax.moe import dropless
-from vmoe_jax.moe.spec import MoeSpec
+from vmoe_jax.runtime import sharding
 from vmoe_jax.tools import benchmark
 from vmoe_jax.tools.benchmark import BenchSettings
 from vmoe_jax.tools.benchmark import Case
@@ -554,7 +553,7 @@ def relative_errors(a: dict, b: dict) -> dict[str, float]:
 
 
 def run_grouped_matmul(plan: Plan, report: Report, part: dict, deadline: float) -> None:
-  block_size = MoeSpec.from_config(config_for(plan, Case(8, 'dropless'))).block_size
+  block_size = factory.moe_spec(config_for(plan, Case(8, 'dropless'))).block_size
   for num_experts in plan.experts:
     if time.monotonic() > deadline:
       part['rows'].append(skipped_row(f'E={num_experts}', 'the time budget was spent'))
@@ -911,7 +910,7 @@ def time_plan(plan: Plan = FULL) -> dict:
   step_flops, steps = [], plan.model.warmup + plan.model.steps + 1
   for job in jobs:
     mesh = sharding.create_mesh(1, job.case.num_experts, job.devices)
-    spec = MoeSpec.from_config(job.config)
+    spec = factory.moe_spec(job.config)
     model = factory.create_model(job.config, benchmark.NUM_CLASSES, mesh, moe=spec)
     fwd = benchmark.case_flops(plan.model, model, 1)['total']
     step_flops.append(3 * fwd * plan.model.batch_size)

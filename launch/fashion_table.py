@@ -11,7 +11,7 @@ seed (`--config.seed=S`), one run after another, in WORKDIR/<row>/seed=<S>
 of the first seed before the next seed. Then:
 
   * WORKDIR/table.md, table.json: per row, the model, its parameters, active
-    GFLOPs per image (`vmoe_jax.flops`, forward), test accuracy as mean +-
+    GFLOPs per image (`vmoe_jax.models.flops`, forward), test accuracy as mean +-
     standard deviation over the seeds (and each seed's value), the training
     loop's wall time and the whole command's (compilation and evaluation
     included) and training images per second of the first seed's run (the
@@ -43,11 +43,10 @@ import subprocess
 import sys
 import time
 
-LAUNCH_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(LAUNCH_DIR)
-sys.path.insert(0, LAUNCH_DIR)
+from vmoe_jax.tools import run_logs
 
-import sweep  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+# The repository: the configs' paths are relative to it.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Row name -> (config, overrides). Every row trains at equal active FLOPs per
 # image except where the name says otherwise (K=2 V-MoE runs two experts of
@@ -136,7 +135,7 @@ def run_logged(cmd: list[str], workdir: str, label: str) -> tuple[int, float]:
   """Runs a command into workdir/train.log, echoing progress; (exit status, seconds)."""
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
-  code = sweep._run_logged(cmd, os.path.join(workdir, 'train.log'), label)  # pylint: disable=protected-access
+  code = run_logs.run_logged(cmd, os.path.join(workdir, 'train.log'), label, REPO)
   return code, time.perf_counter() - start
 
 
@@ -166,7 +165,7 @@ def train_all(
       continue
     code, seconds = run_logged(cmd, workdir, label)
     if code:
-      reason = sweep.failure_line(os.path.join(workdir, 'train.log'))
+      reason = run_logs.failure_line(os.path.join(workdir, 'train.log'))
       print(f'{label} FAILED (exit status {code}): {reason}', flush=True)
       continue
     with open(os.path.join(workdir, 'command_seconds.json'), 'w') as f:
@@ -177,9 +176,9 @@ def train_all(
 
 def run_row(workdir: str) -> dict | None:
   """Figures of one finished run (None if it has not finished)."""
-  from vmoe_jax import flops  # pylint: disable=g-import-not-at-top
   from vmoe_jax import inference  # pylint: disable=g-import-not-at-top
   from vmoe_jax.models import factory  # pylint: disable=g-import-not-at-top
+  from vmoe_jax.models import flops  # pylint: disable=g-import-not-at-top
 
   path = os.path.join(workdir, 'results.json')
   if not os.path.exists(path):
@@ -210,7 +209,7 @@ def run_row(workdir: str) -> dict | None:
 
 
 def _describe(config) -> str:
-  from vmoe_jax import results  # pylint: disable=g-import-not-at-top
+  from vmoe_jax.storage import results  # pylint: disable=g-import-not-at-top
 
   return results.model_name(json.loads(config.to_json_best_effort()))
 

@@ -9,7 +9,7 @@ A queue is a list of runs (config file and argument, overrides, seed, kind).
 `run` trains every run whose record is not in the ledger (`--results`,
 default results/fashion_mnist/), `--jobs` at a time (each pinned to its own
 CPU core when there are several), in WORKDIR/<run id>, and writes the
-record of each run as it finishes (`vmoe_jax.ledger`): stop it at any
+record of each run as it finishes (`vmoe_jax.evaluation.ledger`): stop it at any
 time, start it again tomorrow, and it goes on with what is missing. A run
 that depends on another (upcycling and dense continuation start from a dense
 run trained for half the steps; distillation from a trained teacher) trains
@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Iterable
 
-from vmoe_jax import ledger
+from vmoe_jax.evaluation import ledger
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, 'results', 'fashion_mnist')

@@ -35,11 +35,12 @@ import dataclasses
 import itertools
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
 import time
+
+from vmoe_jax.tools import run_logs
 
 LAUNCH_DIR = os.path.dirname(os.path.abspath(__file__))
 EXPERTS_KEY = 'model.moe.num_experts'
@@ -59,9 +60,9 @@ class Run:
 
 def parse_sweep(specs: list[str]) -> dict[str, list[str]]:
   """['model.moe.num_experts=4,8', ...] -> {'model.moe.num_experts': ['4', '8'], ...}."""
-  from vmoe_jax import config_defaults  # pylint: disable=g-import-not-at-top
+  from vmoe_jax.schema import defaults  # pylint: disable=g-import-not-at-top
 
-  known = config_defaults.all_keys()
+  known = defaults.all_keys()
   sweep = {}
   for spec in specs:
     key, sep, values = spec.partition('=')
@@ -69,7 +70,7 @@ def parse_sweep(specs: list[str]) -> dict[str, list[str]]:
     if not sep or not key or not values.strip():
       raise SweepError(f'--sweep {spec!r} is not key=v1,v2,...; e.g. {EXPERTS_KEY}=4,8,16.')
     if key not in known:
-      raise SweepError(config_defaults.unknown_key_message(key, known))
+      raise SweepError(defaults.unknown_key_message(key, known))
     if key in sweep:
       raise SweepError(f'--sweep names {key} twice; give all its values in one list.')
     sweep[key] = [v.strip() for v in values.split(',') if v.strip()]
@@ -121,39 +122,6 @@ def _done(run: Run) -> bool:
   return os.path.exists(os.path.join(run.workdir, 'results.json'))
 
 
-_EXCEPTION_LINE = re.compile(r'[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b')
-
-
-def failure_line(log_path: str, start: int = 0) -> str:
-  """Why a run failed, from what its log got after byte `start` (the log before this attempt).
-
-  The last `error:` line (a problem the user can fix); else the last line of
-  a traceback that names an exception ('TypeError: ...'); else the last line.
-  """
-  try:
-    with open(log_path, 'rb') as f:
-      f.seek(start)
-      lines = f.read().decode('utf-8', errors='replace').splitlines()
-  except OSError:
-    return ''
-  lines = [line.strip() for line in lines if line.strip()]
-  errors = [line for line in lines if line.split('] ', 1)[-1].startswith('error: ')]
-  exceptions = [line for line in lines if _EXCEPTION_LINE.match(line)]
-  return (errors or exceptions or lines or [''])[-1]
-
-
-def _run_logged(cmd: list[str], log_path: str, prefix: str) -> int:
-  """Runs `cmd` with its output in `log_path`, echoing its progress lines; the exit status."""
-  with open(log_path, 'a') as log:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-      log.write(line)
-      message = line.split('] ', 1)[-1].strip()  # Without absl's 'I1123 12:00:00 ... file:N] '.
-      if message.startswith('step ') or message.startswith('Final:'):
-        print(f'{prefix} {message}', flush=True)
-    return proc.wait()
-
-
 def launch(args, runs: list[Run], fixed: list[str]) -> list[str]:
   """Starts the runs one after another; returns the names of those that failed."""
   failed = []
@@ -171,7 +139,7 @@ def launch(args, runs: list[Run], fixed: list[str]) -> list[str]:
       log_path = os.path.join(run.workdir, 'train.log')
       log_start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
       print(f'[{i}/{len(runs)}] {run.name}: training (log: {log_path})', flush=True)
-      code = _run_logged(cmd, log_path, prefix=f'[{i}/{len(runs)}] {run.name}:')
+      code = run_logs.run_logged(cmd, log_path, prefix=f'[{i}/{len(runs)}] {run.name}:')
     else:
       print(f'[{i}/{len(runs)}] {run.name}: {shlex.join(cmd)}', flush=True)
       code = subprocess.call(cmd)
@@ -180,7 +148,7 @@ def launch(args, runs: list[Run], fixed: list[str]) -> list[str]:
       failed.append(run.name)
       hint = ''
       if args.launcher == 'local':
-        reason = failure_line(log_path, log_start)
+        reason = run_logs.failure_line(log_path, log_start)
         hint = f': {reason} (log: {log_path})' if reason else f'; see {log_path}'
       print(f'[{i}/{len(runs)}] {run.name}: FAILED (exit status {code}){hint}', flush=True)
     elif args.launcher != 'slurm' and not args.dry_run:
@@ -193,7 +161,7 @@ def launch(args, runs: list[Run], fixed: list[str]) -> list[str]:
 
 def collect(sweep: dict[str, list[str]], runs: list[Run]) -> list[dict]:
   """Result rows of the finished runs, labelled by the swept values other than experts."""
-  from vmoe_jax import results  # pylint: disable=g-import-not-at-top
+  from vmoe_jax.storage import results  # pylint: disable=g-import-not-at-top
 
   names = _short_names(list(sweep))
   order = {k: {v: i for i, v in enumerate(values)} for k, values in sweep.items()}
@@ -251,7 +219,7 @@ def aggregate(
   sweep: dict[str, list[str]], runs: list[Run], root: str, title: str = 'sweep'
 ) -> list[dict]:
   """Writes results.md, results.csv and results.png in `root`; returns the rows."""
-  from vmoe_jax import results  # pylint: disable=g-import-not-at-top
+  from vmoe_jax.storage import results  # pylint: disable=g-import-not-at-top
 
   rows = collect(sweep, runs)
   if not rows:
@@ -324,7 +292,7 @@ def main(argv: list[str]) -> int:
   title = f'{args.config}: ' + ', '.join(_short_names(list(sweep)).values())
   rows = aggregate(sweep, runs, args.workdir, title)
   if rows:
-    from vmoe_jax import results  # pylint: disable=g-import-not-at-top
+    from vmoe_jax.storage import results  # pylint: disable=g-import-not-at-top
 
     print()
     print(results.markdown_table(rows), end='')

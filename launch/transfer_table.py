@@ -28,10 +28,10 @@ import json
 import os
 import sys
 
-LAUNCH_DIR = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, LAUNCH_DIR)
+from vmoe_jax.tools import run_logs
 
-import sweep  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+# The repository: the configs' paths are relative to it.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FLOWS = ('finetune', 'upcycle', 'distill')
 
@@ -95,9 +95,9 @@ def main(argv=None) -> int:
       os.makedirs(workdir, exist_ok=True)
       if not os.path.exists(os.path.join(workdir, 'results.json')):
         cmd = [sys.executable, '-m', 'vmoe_jax.main', *main_args, f'--workdir={workdir}', *fixed]
-        code = sweep._run_logged(cmd, os.path.join(workdir, 'train.log'), f'{name}:')  # pylint: disable=protected-access
+        code = run_logs.run_logged(cmd, os.path.join(workdir, 'train.log'), f'{name}:', REPO)
         if code:
-          print(f'{name}: FAILED: {sweep.failure_line(os.path.join(workdir, "train.log"))}')
+          print(f'{name}: FAILED: {run_logs.failure_line(os.path.join(workdir, "train.log"))}')
           continue
       with open(os.path.join(workdir, 'results.json')) as f:
         results = json.load(f)

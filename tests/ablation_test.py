@@ -1,4 +1,4 @@
-"""vmoe_jax.tools.ablation and launch/ablate.py: removing blocks' MLPs from a trained model."""
+"""vmoe_jax.evaluation.ablation and launch/ablate.py: removing blocks' MLPs from a trained model."""
 
 import json
 import os
@@ -12,12 +12,12 @@ import pytest
 from small_configs import tiny_config
 
 from vmoe_jax import inference
-from vmoe_jax import input_pipeline
 from vmoe_jax import train
+from vmoe_jax.data import input_pipeline
 from vmoe_jax.errors import UserError
+from vmoe_jax.evaluation import ablation
 from vmoe_jax.models import vit
 from vmoe_jax.moe import layer as moe_layer
-from vmoe_jax.tools import ablation
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'launch'))
 import ablate  # noqa: E402  pylint: disable=wrong-import-position

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from vmoe_jax import flops
 from vmoe_jax.errors import UserError
 from vmoe_jax.models import factory
+from vmoe_jax.models import flops
 from vmoe_jax.moe import routers
 from vmoe_jax.tools import benchmark
 from vmoe_jax.tools import expert_matmuls

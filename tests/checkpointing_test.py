@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from small_configs import tiny_config
 
-from vmoe_jax import checkpointing
 from vmoe_jax import inference
-from vmoe_jax import input_pipeline
-from vmoe_jax import metrics
 from vmoe_jax import train
-from vmoe_jax import workdirs
+from vmoe_jax.data import input_pipeline
 from vmoe_jax.errors import UserError
+from vmoe_jax.storage import checkpointing
+from vmoe_jax.storage import metrics
+from vmoe_jax.storage import workdirs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,8 +4,8 @@ import pytest
 from validation_test import load_config
 
 from vmoe_jax import inference
-from vmoe_jax import workdirs
 from vmoe_jax.errors import UserError
+from vmoe_jax.storage import workdirs
 from vmoe_jax.train import config_to_json
 
 

@@ -54,10 +54,10 @@ if os.environ.get('VMOE_JAX_TEST_JIT_CACHE', '1') != '0' and (
 # for evaluate_test down to about 45 s for train_test.
 HEAVY_FIRST = (
   'evaluate_test',
-  'moe_layer_test',
+  'layer_test',
   'checkpointing_test',
   'bench_test',
-  'checkpoint_integrity_test',
+  'integrity_test',
   'multiprocess_test',
   'input_pipeline_test',
   'launch_test',

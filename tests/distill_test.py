@@ -9,11 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from vmoe_jax import distill
-from vmoe_jax import transfer
 from vmoe_jax.errors import UserError
 from vmoe_jax.models import vit
 from vmoe_jax.moe.spec import MoeSpec
+from vmoe_jax.transfer import distill
+from vmoe_jax.transfer import mapping
 
 LOGITS = jax.random.normal(jax.random.key(0), (6, 5)) * 2
 TEACHER = jax.random.normal(jax.random.key(1), (6, 5)) * 3
@@ -124,13 +124,13 @@ TEACHER_VIT = make_vit(moe=MoeSpec(num_experts=4, layers=(1, 3), mlp_dim=32, gro
 def test_dense_student_gets_the_non_expert_weights():
   teacher, student = init(TEACHER_VIT), init(make_vit(), seed=1)
   params, report = distill.student_from_teacher(teacher, student)
-  flat, t, s = (transfer.flatten(x) for x in (params, teacher, student))
+  flat, t, s = (mapping.flatten(x) for x in (params, teacher, student))
   for path, value in flat.items():
     if path.startswith(('block_01/mlp/', 'block_03/mlp/')):
       np.testing.assert_array_equal(value, s[path], err_msg=path)  # Fresh.
     else:
       np.testing.assert_array_equal(value, t[path], err_msg=path)  # Copied.
-  line = transfer.format_report(report, prefix='student_from_teacher')
+  line = mapping.format_report(report, prefix='student_from_teacher')
   assert line.startswith('student_from_teacher: 64 loaded, 8 fresh (block_01/mlp/Dense_0/bias'), (
     line
   )

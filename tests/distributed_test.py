@@ -9,9 +9,8 @@ import time
 
 import pytest
 
-from vmoe_jax import config_defaults
-from vmoe_jax import distributed
 from vmoe_jax.errors import UserError
+from vmoe_jax.runtime import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -157,18 +156,6 @@ def test_coordinator_that_comes_up_late_is_waited_for():
   finally:
     thread.join()
     server.close()
-
-
-def test_batch_must_split_over_processes():
-  config = config_defaults.get_config()
-  config.input.batch_size = 126
-  distributed.check_batch(config, 2)
-  with pytest.raises(UserError) as info:
-    distributed.check_batch(config, 4)
-  assert str(info.value) == (
-    'input.batch_size=126 does not split over 4 processes; use a multiple of 4 that is also '
-    'a multiple of the device count (--config.input.batch_size).'
-  )
 
 
 def test_check_devices_accepts_one_process():

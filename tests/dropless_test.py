@@ -12,12 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
-from moe_reference_test import reference_layer
+from layer_reference_test import reference_layer
 
-from vmoe_jax import sharding
 from vmoe_jax.moe import dropless
 from vmoe_jax.moe import layer
 from vmoe_jax.moe.spec import MoeSpec
+from vmoe_jax.runtime import sharding
 
 EXPERTS, WIDTH, HIDDEN = 4, 8, 16
 
@@ -91,9 +91,9 @@ def test_ragged_layer_matches_the_loop_reference_with_padding():
   x = jax.random.normal(jax.random.key(0), (4, 6, WIDTH))
   mask = jnp.array([True, True, True, False])  # A padding image: empty rows in the matmul.
   mlp = layer.MoeMlp(dropless_spec())
-  params = nn.meta.unbox(mlp.init(jax.random.key(1), x, deterministic=True)['params'])
+  params = nn.meta.unbox(mlp.init(jax.random.key(1), x, train=False)['params'])
   params.update({k: v for k, v in expert_params(2).items()})
-  y, metrics = jax.jit(lambda p: mlp.apply({'params': p}, x, deterministic=True, mask=mask))(params)
+  y, metrics = jax.jit(lambda p: mlp.apply({'params': p}, x, train=False, mask=mask))(params)
   expected = reference_layer(x, params, 'dropless', 2, 1.0, False, group_size=2)
   scale = np.abs(expected).max()
   np.testing.assert_allclose(np.asarray(y[:3], np.float64), expected[:3], atol=1e-5 * scale)
@@ -106,12 +106,12 @@ def test_sharded_ragged_layer_matches_the_unsharded_block_path(shards):
   """Outputs and gradients of the ragged layer on a mesh equal the CPU default, unsharded."""
   x = jax.random.normal(jax.random.key(0), (16, 6, WIDTH))  # 2 images a device.
   blocks = layer.MoeMlp(dropless_spec(grouped_matmul='blocks'))
-  boxed = blocks.init(jax.random.key(1), x, deterministic=True)['params']
+  boxed = blocks.init(jax.random.key(1), x, train=False)['params']
   params = nn.meta.unbox(boxed)
   params.update({k: v for k, v in expert_params(3).items()})
 
   def loss(model, p):
-    y, metrics = model.apply({'params': p}, x, deterministic=True)
+    y, metrics = model.apply({'params': p}, x, train=False)
     return jnp.sum(jnp.sin(y)), metrics
 
   (ref, ref_metrics), ref_grads = jax.jit(

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from small_configs import tiny_config
 
-from vmoe_jax import flops
 from vmoe_jax import inference
-from vmoe_jax import metrics
 from vmoe_jax import train
-from vmoe_jax.tools import evaluation
+from vmoe_jax.evaluation import capacity_sweep
+from vmoe_jax.models import flops
+from vmoe_jax.storage import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNGS = ('accuracy_vs_compute.png', 'expert_load.png', 'class_expert.png', 'examples.png')
@@ -42,7 +42,7 @@ def test_fewshot_runs_during_training_and_at_the_end(trained_workdir):
 
 def test_evaluate_writes_the_sweep_maps_and_fewshot(trained_workdir, tmp_path):
   workdir, results = trained_workdir
-  report = evaluation.run(
+  report = capacity_sweep.run(
     workdir, (0.25, 1.0), output_dir=str(tmp_path), num_examples=3, timing_seconds=0.01
   )
   for name in ('eval.json', 'eval.md', *PNGS):
@@ -83,7 +83,7 @@ def test_evaluate_writes_the_sweep_maps_and_fewshot(trained_workdir, tmp_path):
 def test_evaluate_a_dense_model(tmp_path):
   workdir = str(tmp_path / 'dense')
   train.train_and_evaluate(tiny_config(num_experts=0, steps=1), workdir)
-  report = evaluation.run(workdir, output_dir=str(tmp_path / 'eval'), fewshot=False)
+  report = capacity_sweep.run(workdir, output_dir=str(tmp_path / 'eval'), fewshot=False)
   assert [r['capacity_factor'] for r in report['settings']] == [None]
   assert 'dense' in (tmp_path / 'eval' / 'eval.md').read_text()
   assert not any((tmp_path / 'eval' / name).exists() for name in PNGS)
@@ -127,7 +127,7 @@ def test_evaluate_expert_choice_sweeps_capacity_without_bpr(tmp_path):
   # eval_capacity_factor = capacity_factor: the maps' two settings are one.
   workdir = _train_router(tmp_path, 'expert_choice', eval_capacity_factor=1.25)
   out = tmp_path / 'eval'
-  report = evaluation.run(
+  report = capacity_sweep.run(
     workdir, (0.5,), output_dir=str(out), num_examples=2, fewshot=False, timing_seconds=0.01
   )
   for name in ('eval.json', 'eval.md', *PNGS):
@@ -153,7 +153,7 @@ def test_evaluate_expert_choice_sweeps_capacity_without_bpr(tmp_path):
 def test_evaluate_soft_moe_has_one_row_at_the_trained_setting(tmp_path):
   workdir = _train_router(tmp_path, 'soft')
   out = tmp_path / 'eval'
-  report = evaluation.run(
+  report = capacity_sweep.run(
     workdir, (0.5, 1.0), output_dir=str(out), num_examples=2, fewshot=False, timing_seconds=0.01
   )
   for name in ('eval.json', 'eval.md', *PNGS[1:]):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vmoe_jax import fewshot
+from vmoe_jax.evaluation import fewshot
 
 
 def _lstsq_ridge(x, y, l2, bias):

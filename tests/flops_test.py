@@ -6,11 +6,11 @@ import os
 
 import pytest
 
-from vmoe_jax import config_defaults
-from vmoe_jax import flops
 from vmoe_jax.models import factory
+from vmoe_jax.models import flops
 from vmoe_jax.models import vit
 from vmoe_jax.moe.spec import MoeSpec
+from vmoe_jax.schema import defaults
 
 # A file in configs/: sibling_config resolves names next to it.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,8 +83,8 @@ def test_fashion_configs_have_the_dense_active_flops(name):
   K * 49 * 2 * 2 * 128 * H with K * H = 512, the dense MLP's 49 * 2 * 2 * 128 * 512.
   The only extra work is the router, 2 * 49 * 128 * 8 per MoE block.
   """
-  dense_config = config_defaults.sibling_config(CONFIGS, 'fashion_vit.py')
-  moe_config = config_defaults.sibling_config(CONFIGS, f'{name}.py')
+  dense_config = defaults.sibling_config(CONFIGS, 'fashion_vit.py')
+  moe_config = defaults.sibling_config(CONFIGS, f'{name}.py')
   dense = flops.forward_flops(factory.create_model(dense_config, 10), (28, 28, 1))
   moe = flops.forward_flops(factory.create_model(moe_config, 10), (28, 28, 1))
   assert moe['experts'] == 2 * 49 * 2 * 2 * 128 * 512
@@ -122,7 +122,7 @@ def test_fashion_router_table_rows_have_the_dense_active_flops():
   spec.loader.exec_module(table)
   dense = None
   for name, (path, overrides) in table.ROUTERS.items():
-    config = config_defaults.sibling_config(CONFIGS, os.path.basename(path))
+    config = defaults.sibling_config(CONFIGS, os.path.basename(path))
     config = _with_overrides(config, table.resolve(overrides, path))
     total = flops.forward_flops(factory.create_model(config, 10), (28, 28, 1))['total']
     dense = dense or total  # The first row is the dense ViT.

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from vmoe_jax import host_malloc
+from vmoe_jax.runtime import host_malloc
 
 OURS = host_malloc.merged_tunables('')
 
@@ -48,7 +48,7 @@ def test_user_settings_are_kept():
 SCRIPT = textwrap.dedent(
   """
   import os, resource, sys
-  from vmoe_jax import host_malloc
+  from vmoe_jax.runtime import host_malloc
   if __name__ == '__main__':
     print('pid', os.getpid(), flush=True)
     host_malloc.maybe_reexec()

@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from vmoe_jax import config_defaults
-from vmoe_jax import idx_files
-from vmoe_jax import input_pipeline
+from vmoe_jax.data import idx_files
+from vmoe_jax.data import input_pipeline
 from vmoe_jax.errors import UserError
+from vmoe_jax.schema import defaults
 
 
 def test_header_and_data_by_hand(tmp_path):
@@ -78,7 +78,7 @@ def write_fake_fashion(directory, num_train=40, num_test=20, gz=True):
 
 
 def fashion_config(data_dir, **overrides):
-  config = config_defaults.get_config()
+  config = defaults.get_config()
   config.input.dataset = 'fashion_mnist'
   config.input.data_dir = str(data_dir)
   config.input.batch_size = 8
@@ -147,7 +147,7 @@ def test_missing_and_corrupt_fashion_mnist_are_one_line(tmp_path, monkeypatch):
   reason='Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)',
 )
 def test_real_fashion_mnist():
-  config = config_defaults.get_config()
+  config = defaults.get_config()
   config.input.dataset = 'fashion_mnist'
   config.input.eval_batch_size = 1000
   data = input_pipeline.create_dataset(config)

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from vmoe_jax import config_defaults
-from vmoe_jax import input_pipeline
+from vmoe_jax.data import input_pipeline
 from vmoe_jax.errors import UserError
+from vmoe_jax.schema import defaults
 
 
 def digits_config(**input_overrides):
-  config = config_defaults.get_config()
+  config = defaults.get_config()
   config.input.dataset = 'digits'
   config.input.batch_size = 32
   config.input.eval_batch_size = 64
@@ -110,7 +110,7 @@ tfds = pytest.importorskip('tensorflow_datasets')
 
 
 def tfds_config(**input_overrides):
-  config = config_defaults.get_config()
+  config = defaults.get_config()
   config.input.dataset = 'cifar10'
   config.input.data_dir = '/nonexistent/tfds'
   config.input.batch_size = 8
@@ -183,7 +183,7 @@ def test_train_per_class_keeps_the_first_examples_of_every_class():
 
 
 def test_digits_at_10_images_per_class():
-  config = config_defaults.get_config()
+  config = defaults.get_config()
   config.input.train_per_class = 10
   config.input.crop_padding, config.input.flip = 0, False  # Batches hold the images as they are.
   dataset = input_pipeline.create_dataset(config)
@@ -197,7 +197,7 @@ def test_digits_at_10_images_per_class():
 
 
 def test_random_erasing_replaces_one_rectangle_in_the_chosen_share_of_images():
-  from vmoe_jax.input_pipeline import _random_erase
+  from vmoe_jax.data.input_pipeline import _random_erase
 
   images = np.zeros((2000, 28, 28, 1), np.float32)
   images[:, 0, 0] = 255.0  # The pixel range of the batch: noise is drawn in [0, 255].
@@ -214,7 +214,7 @@ def test_random_erasing_replaces_one_rectangle_in_the_chosen_share_of_images():
 
 
 def test_random_erasing_is_refused_for_tfds_datasets():
-  from vmoe_jax import validation
+  from vmoe_jax.schema import validation
 
   config = tfds_config()
   config.input.random_erase = 0.25

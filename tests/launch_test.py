@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from vmoe_jax import config_defaults
+from vmoe_jax.schema import defaults
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, 'launch')
@@ -227,24 +227,6 @@ def test_sweep_print_launcher_and_cluster_commands(capsys, tmp_path):
   ]
 
 
-def test_failure_line_is_the_last_error_of_this_attempt(tmp_path):
-  log = tmp_path / 'train.log'
-  log.write_text('error: an old attempt failed\n')
-  start = log.stat().st_size
-  with open(log, 'a') as f:
-    f.write('I1123 12:00:00.0 1 main.py:1] Mesh ...\nerror: first\n[0] error: second\nbye\n')
-  assert sweep.failure_line(str(log), start) == '[0] error: second'
-  with open(log, 'a') as f:
-    start = f.tell()
-    f.write('Traceback (most recent call last):\n  ...\nKeyError: 3\n--------\nFor simplicity\n')
-  assert sweep.failure_line(str(log), start) == 'KeyError: 3'  # No error line: the exception.
-  with open(log, 'a') as f:
-    start = f.tell()
-    f.write('Killed\n\n')
-  assert sweep.failure_line(str(log), start) == 'Killed'  # Else the last line.
-  assert sweep.failure_line(str(tmp_path / 'missing.log')) == ''
-
-
 def test_sweep_prints_why_each_run_failed(tmp_path):
   result = run_script(
     sys.executable,
@@ -272,7 +254,7 @@ def test_sweep_prints_why_each_run_failed(tmp_path):
 def fake_run(workdir, experts, selected, accuracy, step_seconds):
   """A finished run's workdir: config.json, dataset.json, results.json."""
   os.makedirs(workdir)
-  config = config_defaults.get_config()
+  config = defaults.get_config()
   config.model.update(width=64, depth=4, num_heads=4, mlp_dim=128, patch_size=2)
   config.model.moe.update(num_experts=experts, num_selected=selected)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from vmoe_jax import ledger
 from vmoe_jax.errors import UserError
+from vmoe_jax.evaluation import ledger
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

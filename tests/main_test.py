@@ -7,8 +7,8 @@ import sys
 import ml_collections
 import pytest
 
-from vmoe_jax import config_defaults
 from vmoe_jax.errors import UserError
+from vmoe_jax.schema import defaults
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,7 +32,7 @@ def test_override_typo_fails_with_one_line(tmp_path):
   lines = result.stderr.strip().splitlines()
   assert lines[-1] == (
     "error: unknown config key 'model.widht' (did you mean 'model.width'?); "
-    'see vmoe_jax/config_defaults.py for all keys.'
+    'see vmoe_jax/schema/defaults.py for all keys.'
   )
   assert not os.listdir(tmp_path)  # Nothing was written.
 
@@ -103,18 +103,18 @@ def test_config_file_errors_are_one_line():
 
 
 def test_validate_rejects_keys_outside_the_schema():
-  config = config_defaults.get_config()
+  config = defaults.get_config()
   config.unlock()
   config.model.moe.num_expert = 4
   with pytest.raises(
     UserError,
     match="unknown config key 'model.moe.num_expert' \\(did you mean 'model.moe.num_experts'\\?\\)",
   ):
-    config_defaults.validate(config)
+    defaults.check_keys(config)
 
 
 def test_defaults_are_locked():
-  config = config_defaults.get_config()
+  config = defaults.get_config()
   with pytest.raises(AttributeError):
     config.model.widht = 3
   assert isinstance(config, ml_collections.ConfigDict)
@@ -126,7 +126,7 @@ def test_every_config_loads_and_validates(name):
     return
   import importlib.util
 
-  from vmoe_jax import validation
+  from vmoe_jax.schema import validation
 
   spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(REPO, 'configs', name))
   module = importlib.util.module_from_spec(spec)

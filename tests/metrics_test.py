@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 
-from vmoe_jax import metrics
+from vmoe_jax.storage import metrics
 
 
 @pytest.fixture
@@ -187,7 +187,7 @@ def test_tensorflow_is_never_imported(tmp_path):
           raise ImportError('blocked: ' + name)
 
     sys.meta_path.insert(0, Block())
-    from vmoe_jax import metrics
+    from vmoe_jax.storage import metrics
 
     writer = metrics.MetricWriter({str(tmp_path)!r}, resume_step=0)
     writer.write(1, {{'train/loss': 1.0, 'v': [1.0, 2.0]}})

@@ -16,10 +16,10 @@ import jax
 import numpy as np
 import pytest
 
-from vmoe_jax import checkpointing
 from vmoe_jax import inference
-from vmoe_jax import input_pipeline
-from vmoe_jax import metrics
+from vmoe_jax.data import input_pipeline
+from vmoe_jax.storage import checkpointing
+from vmoe_jax.storage import metrics
 
 pytestmark = pytest.mark.multiprocess
 

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from vmoe_jax import sharding
+from vmoe_jax.models import factory
 from vmoe_jax.models import vit
 from vmoe_jax.moe import layer
 from vmoe_jax.moe import routers
 from vmoe_jax.moe.spec import MoeSpec
+from vmoe_jax.runtime import sharding
 
 
 def spec_of(**fields):
@@ -103,17 +104,17 @@ def test_expert_choice_evaluates_at_its_training_capacity():
 
 
 def test_switch_config_with_expert_choice_keeps_the_capacity(tmp_path):
-  from vmoe_jax import config_defaults
+  from vmoe_jax.schema import defaults
 
-  config = config_defaults.get_config()
+  config = defaults.get_config()
   config.model.update(dict(width=16, depth=2, num_heads=2, mlp_dim=32, patch_size=4))
-  config_defaults.apply_moe_preset(config, 'switch')
+  defaults.apply_moe_preset(config, 'switch')
   config.model.moe.num_experts = 4
   config.model.moe.router = 'expert_choice'
-  spec = MoeSpec.from_config(config, backend='cpu')
+  spec = factory.moe_spec(config, backend='cpu')
   assert spec.eval_capacity_factor == spec.capacity_factor == 1.25
   config.model.moe.router = 'topk'
-  assert MoeSpec.from_config(config, backend='cpu').eval_capacity_factor == 2.0
+  assert factory.moe_spec(config, backend='cpu').eval_capacity_factor == 2.0
 
 
 # --------------------------------------------------------------------------- Soft MoE groups
@@ -150,7 +151,7 @@ def test_soft_moe_slot_parameters_have_fan_in_experts_times_width():
   spec = spec_of(num_experts=experts, router='soft', slots_per_expert=slots)
   mlp = layer.MoeMlp(spec)
   x = jnp.ones((1, 4, width))
-  params = nn.meta.unbox(mlp.init(jax.random.key(0), x, deterministic=True)['params'])
+  params = nn.meta.unbox(mlp.init(jax.random.key(0), x, train=False)['params'])
   assert params['router'].shape == (width, experts * slots)
   std = float(np.std(np.asarray(params['router'])))
   assert abs(std - 1 / 32) < 0.05 / 32, std  # 4,096 draws: the estimate is within ~1.1%.
@@ -184,9 +185,9 @@ def test_padded_batch_metrics_are_the_same_sharded_and_unsharded(case):
   x = jax.random.normal(jax.random.key(0), (16, 6, 16))
   mask = jnp.arange(16) < 13
   reference = layer.MoeMlp(spec)
-  boxed = reference.init(jax.random.key(1), x, deterministic=True)['params']
+  boxed = reference.init(jax.random.key(1), x, train=False)['params']
   params = nn.meta.unbox(boxed)
-  apply = lambda model, p: model.apply({'params': p}, x, deterministic=True, mask=mask)
+  apply = lambda model, p: model.apply({'params': p}, x, train=False, mask=mask)
   y_ref, metrics_ref = jax.jit(lambda p: apply(reference, p))(params)
   if case['router'] in ('topk', 'image_topk', 'expert_choice'):
     assert 0 < float(metrics_ref['dropped']) < 1  # The case drops, so the share is tested.

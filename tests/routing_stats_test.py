@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from small_configs import tiny_config
 
-from vmoe_jax import routing_stats
+from vmoe_jax.evaluation import routing_stats
 from vmoe_jax.models import factory
 from vmoe_jax.moe.routing import Routing
 

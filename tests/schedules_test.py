@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from vmoe_jax import schedules
 from vmoe_jax.errors import UserError
+from vmoe_jax.optim import schedules
 
 
 def values(steps, **kwargs):
@@ -65,9 +65,9 @@ def test_bad_schedules():
 
 
 def test_epochs_override_steps():
-  from vmoe_jax import config_defaults
+  from vmoe_jax.schema import defaults
 
-  config = config_defaults.get_config()
+  config = defaults.get_config()
   config.optimizer.learning_rate = 1.0
   config.schedule.decay = 'constant'
   config.train.warmup_epochs = 2.0
@@ -97,12 +97,12 @@ def test_warmup_and_cooldown_that_do_not_fit_take_half_of_the_run(
 
 
 def test_from_config_scales_a_too_long_schedule_and_says_so(caplog):
-  from vmoe_jax import config_defaults
+  from vmoe_jax.schema import defaults
 
-  config = config_defaults.get_config()
+  config = defaults.get_config()
   config.optimizer.learning_rate = 1.0
   config.schedule.update(dict(decay='constant', warmup_steps=100, cooldown_steps=300))
-  with caplog.at_level('INFO', logger='vmoe_jax.schedules'):
+  with caplog.at_level('INFO', logger='vmoe_jax.optim.schedules'):
     fn = schedules.from_config(config, total_steps=100, steps_per_epoch=10)
   assert [r.getMessage() for r in caplog.records] == [
     'Schedule: warmup 100 + cooldown 300 steps exceed the 100 training steps; scaled to 12 + 38 '
@@ -136,7 +136,7 @@ def test_every_shipped_config_trains_100_steps(name, arg):
   import importlib.util
   import os
 
-  from vmoe_jax import validation
+  from vmoe_jax.schema import validation
 
   path = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', name)
   spec = importlib.util.spec_from_file_location(name[:-3], path)

@@ -1,10 +1,10 @@
 """Small configs shared by the tests (tests/ is on sys.path under pytest)."""
 
-from vmoe_jax import config_defaults
+from vmoe_jax.schema import defaults
 
 
 def tiny_config(num_experts=8, steps=2):
-  config = config_defaults.get_config()
+  config = defaults.get_config()
   config.model.patch_size = 4
   config.model.width = 16
   config.model.depth = 2

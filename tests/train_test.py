@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 from small_configs import tiny_config
 
-from vmoe_jax import input_pipeline
-from vmoe_jax import metrics
-from vmoe_jax import optim
-from vmoe_jax import schedules
-from vmoe_jax import sharding
 from vmoe_jax import steps
 from vmoe_jax import train
+from vmoe_jax.data import input_pipeline
 from vmoe_jax.errors import UserError
 from vmoe_jax.models import factory
+from vmoe_jax.optim import optimizers
+from vmoe_jax.optim import schedules
+from vmoe_jax.runtime import sharding
+from vmoe_jax.storage import metrics
 
 
 def test_two_steps_end_to_end_on_8_devices(tmp_path):
@@ -86,7 +86,7 @@ def test_gradient_accumulation_matches_one_big_batch():
   schedule = schedules.create_learning_rate_schedule(peak_value=0.5, total_steps=10)
   tx, init_fn, _, _ = steps.create_train_state(
     model,
-    lambda p, m: optim.create_optimizer(config, schedule, p, m),
+    lambda p, m: optimizers.create_optimizer(config, schedule, p, m),
     mesh,
     data.image_shape,
   )

@@ -12,11 +12,11 @@ import sys
 
 import pytest
 
-from vmoe_jax import config_defaults
-from vmoe_jax import input_pipeline
-from vmoe_jax import validation
-from vmoe_jax import validation_rules
+from vmoe_jax.data import input_pipeline
 from vmoe_jax.errors import UserError
+from vmoe_jax.schema import defaults
+from vmoe_jax.schema import rules
+from vmoe_jax.schema import validation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The arguments each config file documents (None: no ':ARG').
@@ -28,10 +28,10 @@ CONFIG_ARGS = {
   'digits_switch.py': (None,),
   'digits_vit.py': (None,),
   'fashion_distill.py': (None,),
-  'fashion_switch.py': (None, 'val'),
+  'fashion_switch.py': (None, 'val', 'w16', 'w32', 'w64', 'w128'),
   'fashion_upcycle.py': (None, 'dense'),
-  'fashion_vit.py': (None, 'val'),
-  'fashion_vmoe.py': (None, 'val'),
+  'fashion_vit.py': (None, 'val', 'w16', 'w32', 'w64', 'w128'),
+  'fashion_vmoe.py': (None, 'val', 'w16', 'w32', 'w64', 'w128'),
 }
 
 
@@ -45,7 +45,7 @@ def load_config(name, arg=None):
 
 def sized_config():
   """The defaults with a model size (the schema leaves the size to the config files)."""
-  config = config_defaults.get_config()
+  config = defaults.get_config()
   config.model.update(dict(width=64, depth=4, num_heads=4, mlp_dim=128, patch_size=2))
   return config
 
@@ -62,7 +62,7 @@ def refused(config, num_devices=8, process_count=1) -> str:
 
 
 def test_rules_cover_every_key_of_the_schema():
-  assert sorted(validation_rules.RULES) == sorted(config_defaults.all_keys())
+  assert sorted(rules.RULES) == sorted(defaults.all_keys())
 
 
 def test_shipped_configs_are_config_files_of_the_table():
@@ -70,7 +70,7 @@ def test_shipped_configs_are_config_files_of_the_table():
   assert files == sorted(CONFIG_ARGS)
 
 
-@pytest.mark.parametrize('key', config_defaults.all_keys())
+@pytest.mark.parametrize('key', defaults.all_keys())
 def test_every_rule_refuses_a_value_of_no_known_type(key):
   *parents, last = key.split('.')
   nested = node = {}
@@ -84,9 +84,9 @@ def test_every_rule_refuses_a_value_of_no_known_type(key):
 
 def test_a_sized_default_config_validates_and_the_defaults_say_what_is_missing():
   validation.validate(sized_config(), num_devices=8)
-  message = refused(config_defaults.get_config())
+  message = refused(defaults.get_config())
   assert message.startswith('the model size is incomplete (model.width, model.depth,')
-  config = config_defaults.get_config()
+  config = defaults.get_config()
   config.model.variant = 'Ti/4'  # Width 192 etc., patch 4 on 8x8 digits.
   validation.validate(config, num_devices=8)
 
@@ -119,7 +119,7 @@ def test_missing_keys_take_their_defaults_and_unknown_keys_are_named():
 
 def test_router_names_are_the_choices_of_model_moe_router():
   config = sized_config()
-  for router in validation_rules.ROUTER_NAMES:
+  for router in rules.ROUTER_NAMES:
     config.model.moe.router = router
     validation.validate(config)
   config.model.moe.router = 'top1'
@@ -132,8 +132,8 @@ def test_router_names_are_the_choices_of_model_moe_router():
 def test_in_memory_split_sizes_match_the_data():
   train, test = input_pipeline.digits_split()
   sizes = {'train': len(train[1]), 'test': len(test[1])}
-  assert validation_rules.IN_MEMORY_SPLITS['digits'] == sizes
-  assert validation_rules.IMAGE_SIDES['digits'] == train[0].shape[1] == train[0].shape[2]
+  assert input_pipeline.IN_MEMORY_SPLITS['digits'] == sizes
+  assert rules.IMAGE_SIDES['digits'] == train[0].shape[1] == train[0].shape[2]
 
 
 # --------------------------------------------------------------------------- shipped configs

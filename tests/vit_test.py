@@ -146,29 +146,6 @@ def test_decode_variant():
     vit.decode_variant('S16')
 
 
-@pytest.mark.parametrize(
-  'spec,expected',
-  [
-    ('all', (0, 1, 2, 3, 4, 5)),
-    ('every_2', (1, 3, 5)),
-    ('every_3', (2, 5)),
-    ('last_2', (4, 5)),
-    ('none', ()),
-    ('0,3', (0, 3)),
-    ((5, 1), (1, 5)),
-  ],
-)
-def test_moe_layer_indices(spec, expected):
-  assert vit.moe_layer_indices(spec, 6) == expected
-
-
-def test_moe_layer_indices_errors():
-  with pytest.raises(UserError, match='not understood'):
-    vit.moe_layer_indices('odd', 6)
-  with pytest.raises(UserError, match='outside the 6 blocks'):
-    vit.moe_layer_indices('1,7', 6)
-
-
 def test_conv_stem_tokens_and_errors():
   model = vit.ViT(
     num_classes=10,
@@ -212,8 +189,6 @@ def test_conv_stem_tokens_and_errors():
     model.clone(stem_extra_convs='1,1,1').init(jax.random.key(0), images, train=False)
   with pytest.raises(UserError, match='power of 2'):
     model.clone(patch_size=7).init(jax.random.key(0), images, train=False)
-  with pytest.raises(UserError, match="model.stem='convv' is unknown"):
-    model.clone(stem='convv').init(jax.random.key(0), images, train=False)
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,9 @@ from checkpoint_surgery import digests
 from checkpoint_surgery import flip_byte
 from small_configs import tiny_config
 
-from vmoe_jax import metrics
 from vmoe_jax import train
 from vmoe_jax.errors import UserError
+from vmoe_jax.storage import metrics
 
 
 def dense_config(steps=3):

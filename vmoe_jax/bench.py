@@ -33,9 +33,10 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 
-from vmoe_jax import host_malloc
 from vmoe_jax.errors import UserError
 from vmoe_jax.moe import routers
+from vmoe_jax.moe.spec import DISPATCHES
+from vmoe_jax.runtime import host_malloc
 from vmoe_jax.tools import benchmark
 from vmoe_jax.tools import expert_matmuls
 
@@ -83,7 +84,7 @@ def define_model_flags() -> None:
     ('experts', int, lambda e: e > 0, 'must be positive integers, e.g. --experts=8,32,64'),
     ('num_selected', int, lambda k: k > 0, 'must be positive integers, e.g. --num_selected=1,2'),
     ('capacity_factors', float, lambda c: c > 0, 'must be positive numbers, e.g. 1.0,1.25'),
-    ('dispatch', str, lambda v: v in benchmark.DISPATCHES, "must be 'indices' and/or 'einsum'"),
+    ('dispatch', str, lambda v: v in DISPATCHES, "must be 'indices' and/or 'einsum'"),
   ]
   for name, parse, ok, message in checks:
     flags.register_validator(name, _all(parse, ok), message)

@@ -14,7 +14,7 @@ eval.json, eval.md (the table, what each router's rows mean),
 accuracy_vs_compute.png (routers with a sweep), expert_load.png,
 class_expert.png and examples.png. Prints the table; problems the user can
 fix are one line `error: ...`, exit status 2. The library:
-`vmoe_jax.tools.evaluation` and `vmoe_jax.tools.eval_maps`.
+`vmoe_jax.evaluation.capacity_sweep` and `vmoe_jax.evaluation.figures`.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 
-from vmoe_jax import host_malloc
 from vmoe_jax.errors import UserError
-from vmoe_jax.tools import eval_report
-from vmoe_jax.tools import evaluation
+from vmoe_jax.evaluation import capacity_sweep
+from vmoe_jax.evaluation import reports
+from vmoe_jax.runtime import host_malloc
 
 FLAGS = flags.FLAGS
 
@@ -38,7 +38,7 @@ def define_flags() -> None:
   flags.DEFINE_string('workdir', None, 'The --workdir of a training run.')
   flags.DEFINE_list(
     'capacity_factors',
-    [f'{c:g}' for c in evaluation.DEFAULT_CAPACITY_FACTORS],
+    [f'{c:g}' for c in capacity_sweep.DEFAULT_CAPACITY_FACTORS],
     'Eval capacity factors of the sweep (top-k routers: each with and without BPR).',
   )
   flags.DEFINE_integer('step', None, 'Checkpoint to evaluate; default the latest.')
@@ -68,7 +68,7 @@ def main(argv) -> None:
   try:
     if not FLAGS.workdir:
       raise UserError('--workdir=DIR (a training run) is needed.')
-    report = evaluation.run(
+    report = capacity_sweep.run(
       FLAGS.workdir,
       _capacity_factors(FLAGS.capacity_factors),
       step=FLAGS.step,
@@ -81,8 +81,8 @@ def main(argv) -> None:
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  print(eval_report.header(report))
-  print(eval_report.markdown(report['settings']), end='')
+  print(reports.header(report))
+  print(reports.markdown(report['settings']), end='')
   for k, r in report.get('fewshot', {}).get('shots', {}).items():
     print(
       f'few-shot {k:>2}-shot: {100 * r["accuracy"]:.2f}% +- {100 * r["accuracy_std"]:.2f} '

@@ -25,12 +25,11 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from vmoe_jax import checkpointing
-from vmoe_jax import config_defaults
-from vmoe_jax import sharding
-from vmoe_jax import steps
-from vmoe_jax import workdirs
 from vmoe_jax.models import factory
+from vmoe_jax.runtime import sharding
+from vmoe_jax.schema import defaults
+from vmoe_jax.storage import checkpointing
+from vmoe_jax.storage import workdirs
 
 
 @dataclasses.dataclass
@@ -88,7 +87,7 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
 
   Keys added to the schema after the run was made take their defaults.
   """
-  config = config_defaults.get_config()
+  config = defaults.get_config()
   config.unlock()
   _merge(config, workdirs.read_config(workdir))
   return config
@@ -109,7 +108,7 @@ def restore_params(
 ):
   """(model, params, step): the verified params of checkpoint `step` (default: latest) on `mesh`."""
   model = factory.create_model(config, num_classes, mesh)
-  target = steps.abstract_params(model, mesh, image_shape)
+  target = factory.abstract_params(model, mesh, image_shape)
   params, step = checkpointing.load_params(workdir, target, step)
   return model, params, step
 

@@ -3,14 +3,15 @@ r"""Command line entry point; kept short on purpose.
   python -m vmoe_jax.main --config=configs/digits_switch.py --workdir=/tmp/run \
       [--config.model.moe.num_experts=16 ...]
 
-Parses flags, checks the config (`validation.validate`, before and again
-after joining a multi-process run, once the device count is known; nothing is
-written to the workdir before), joins a multi-process run when the flags or
-the environment describe one (see `distributed`; every process runs this same
-command), and calls `train.train_and_evaluate(config, workdir)`. Problems the
-user can fix (bad config keys or values, a bad `:ARG` of a config file,
-missing data, unreadable checkpoints, processes that cannot meet) are printed
-as one line, exit status 2.
+Parses flags, checks the config (`validation.validate`: every check that
+needs no device, before anything is written to the workdir or processes wait
+for each other), joins a multi-process run when the flags or the environment
+describe one (see `distributed`; every process runs this same command), and
+calls `train.train_and_evaluate(config, workdir)`, which checks the config
+against the devices and processes of the run. Problems the user can fix (bad
+config keys or values, a bad `:ARG` of a config file, missing data,
+unreadable checkpoints, processes that cannot meet) are printed as one line,
+exit status 2.
 """
 
 import logging
@@ -22,9 +23,9 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from vmoe_jax import config_defaults
-from vmoe_jax import host_malloc
 from vmoe_jax.errors import UserError
+from vmoe_jax.runtime import host_malloc
+from vmoe_jax.schema import defaults
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Path to a config file.', lock_config=True
@@ -76,9 +77,9 @@ def _config_error(argv: list[str], error: Exception) -> str:
   for arg in argv:
     if arg.startswith('--config.'):
       path = arg[len('--config.') :].split('=', 1)[0]
-      known = config_defaults.all_keys()
+      known = defaults.all_keys()
       if path not in known:
-        return config_defaults.unknown_key_message(path, known)
+        return defaults.unknown_key_message(path, known)
   return f'bad --config flag: {str(error).strip().splitlines()[-1][:300]}'
 
 
@@ -101,7 +102,7 @@ def main(argv: list[str]) -> None:
   # Our progress at INFO; libraries (orbax, jax) at WARNING.
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('vmoe_jax').setLevel(logging.INFO)
-  from vmoe_jax import validation  # pylint: disable=g-import-not-at-top
+  from vmoe_jax.schema import validation  # pylint: disable=g-import-not-at-top
 
   try:  # Values that are nonsense on any machine fail before processes wait for each other.
     validation.validate(config)
@@ -109,8 +110,8 @@ def main(argv: list[str]) -> None:
     _fail(str(e))
   import jax  # pylint: disable=g-import-not-at-top
 
-  from vmoe_jax import distributed  # pylint: disable=g-import-not-at-top
   from vmoe_jax import train  # pylint: disable=g-import-not-at-top
+  from vmoe_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
 
   try:
     settings = distributed.resolve(
@@ -124,7 +125,6 @@ def main(argv: list[str]) -> None:
       distributed.check_devices()
       if jax.process_index() > 0:  # Progress lines from process 0 only.
         logging.getLogger('vmoe_jax').setLevel(logging.WARNING)
-    validation.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
     train.train_and_evaluate(config, _WORKDIR.value)
   except UserError as e:
     _fail(str(e))

@@ -20,8 +20,8 @@ from absl import app
 from absl import flags
 
 from vmoe_jax import bench
-from vmoe_jax import host_malloc
 from vmoe_jax.errors import UserError
+from vmoe_jax.runtime import host_malloc
 from vmoe_jax.tools import benchmark
 from vmoe_jax.tools import profiling
 

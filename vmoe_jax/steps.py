@@ -20,10 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding
 
-from vmoe_jax import distill
-from vmoe_jax import sharding
+from vmoe_jax.models import factory
+from vmoe_jax.runtime import sharding
+from vmoe_jax.transfer import distill
 
 
 @flax.struct.dataclass
@@ -56,7 +56,7 @@ def _moe_summary(moe_metrics: dict, prefix: str) -> dict[str, jax.Array]:
 
 
 class Teacher(NamedTuple):
-  """A frozen teacher for distillation (`vmoe_jax.distill`): its model and the loss settings."""
+  """A frozen teacher for distillation (`vmoe_jax.transfer.distill`): model and loss settings."""
 
   model: Any
   temperature: float
@@ -176,36 +176,9 @@ def eval_step(params, batch, *, model) -> dict[str, jax.Array]:
   return out
 
 
-def _param_init(model, image_shape):
-  """(init_params(key), boxed abstract params) of the unsharded twin of `model`.
-
-  The params are the sharded model's; they are initialised unsharded, on one
-  routing group of dummy images.
-  """
-  images = model.moe.group_size if model.moe is not None else 1
-  dummy = jnp.zeros((max(1, images), *image_shape), jnp.float32)
-  model = model.clone(mesh=None)
-
-  def init_params(key):
-    return model.init({'params': key}, dummy, train=False)['params']
-
-  return init_params, jax.eval_shape(init_params, jax.random.key(0))
-
-
-def abstract_params(model, mesh, image_shape):
-  """Shapes, dtypes and shardings on `mesh` of the params of `model`."""
-  _, boxed = _param_init(model, image_shape)
-  specs = sharding.param_specs(boxed)
-  return jax.tree.map(
-    lambda a, spec: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec)),
-    nn.meta.unbox(boxed),
-    specs,
-  )
-
-
 def create_train_state(model, tx_fn, mesh, image_shape):
   """Abstract state, its shardings and a jitted init that places it on `mesh`."""
-  init_params, boxed = _param_init(model, image_shape)
+  init_params, boxed = factory.param_init(model, image_shape)
   specs = sharding.param_specs(boxed)
   abstract = nn.meta.unbox(boxed)
   tx = tx_fn(abstract, sharding.expert_mask(specs))

@@ -22,36 +22,40 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
-from vmoe_jax import checkpointing
-from vmoe_jax import config_defaults
-from vmoe_jax import distill
-from vmoe_jax import fewshot
 from vmoe_jax import inference
-from vmoe_jax import input_pipeline
-from vmoe_jax import metrics as metrics_lib
-from vmoe_jax import optim
-from vmoe_jax import results as results_lib
-from vmoe_jax import schedules
-from vmoe_jax import sharding
 from vmoe_jax import steps
-from vmoe_jax import transfer
-from vmoe_jax import validation
-from vmoe_jax import warm_start
-from vmoe_jax import workdirs
+from vmoe_jax.data import input_pipeline
+from vmoe_jax.data.dataset import Dataset
 from vmoe_jax.errors import UserError
+from vmoe_jax.evaluation import fewshot
 from vmoe_jax.models import factory
+from vmoe_jax.models import vit
+from vmoe_jax.optim import optimizers
+from vmoe_jax.optim import schedules
+from vmoe_jax.runtime import sharding
+from vmoe_jax.schema import validation
+from vmoe_jax.storage import checkpointing
+from vmoe_jax.storage import metrics as metrics_lib
+from vmoe_jax.storage import results as results_lib
+from vmoe_jax.storage import workdirs
+from vmoe_jax.transfer import distill
+from vmoe_jax.transfer import mapping
+from vmoe_jax.transfer import warm_start
 
 log = logging.getLogger(__name__)
 
 
-def evaluate(eval_fn, params, dataset: input_pipeline.Dataset, mesh) -> dict[str, float]:
+def evaluate(eval_fn, params, dataset: Dataset, mesh) -> dict[str, float]:
   """Accuracy, loss (and MoE dropped share) over the test split."""
   totals = None
   for batch in dataset.eval_batches():
@@ -83,14 +87,10 @@ def _inference_speed(eval_fn, params, dataset, mesh, max_batches: int = 20) -> f
 # --------------------------------------------------------------------------- setup
 
 
-def num_train_steps(config, dataset: input_pipeline.Dataset) -> tuple[int, float]:
+def num_train_steps(config, dataset: Dataset) -> tuple[int, float]:
   steps_per_epoch = dataset.num_train / config.input.batch_size
   if config.train.num_epochs > 0:
     return max(1, math.ceil(config.train.num_epochs * steps_per_epoch)), steps_per_epoch
-  if config.train.num_steps <= 0:
-    raise UserError(
-      f'train.num_steps={config.train.num_steps}; set it > 0 or set train.num_epochs.'
-    )
   return config.train.num_steps, steps_per_epoch
 
 
@@ -152,17 +152,17 @@ class Run:
 
   config: ml_collections.ConfigDict
   workdir: str
-  mesh: Any
-  dataset: input_pipeline.Dataset
+  mesh: Mesh
+  dataset: Dataset
   total_steps: int
   steps_per_epoch: float
-  schedule: Any
-  model: Any
-  tx: Any
-  init_fn: Any
-  abstract_state: Any
-  shardings: Any
-  teacher: Any = None  # trained teacher (inference.TrainedModel) for distillation, or None.
+  schedule: optax.Schedule  # step -> learning rate.
+  model: vit.ViT
+  tx: optax.GradientTransformation
+  init_fn: Callable[[int], steps.TrainState]  # seed -> the initial state, placed on the mesh.
+  abstract_state: steps.TrainState  # Of jax.ShapeDtypeStruct, with their shardings.
+  shardings: steps.TrainState  # Of NamedSharding.
+  teacher: inference.TrainedModel | None = None  # The frozen teacher of distillation.
 
 
 def setup(config, workdir: str) -> Run:
@@ -177,7 +177,7 @@ def setup(config, workdir: str) -> Run:
   model = factory.create_model(config, dataset.num_classes, mesh)
   tx, init_fn, abstract_state, shardings = steps.create_train_state(
     model,
-    lambda p, m: optim.create_optimizer(config, schedule, p, m),
+    lambda p, m: optimizers.create_optimizer(config, schedule, p, m),
     mesh,
     dataset.image_shape,
   )
@@ -215,7 +215,7 @@ def fresh_state(run: Run):
     params, report = distill.student_from_teacher(
       warm_start.to_host(run.teacher.params), warm_start.to_host(state.params)
     )
-    line = transfer.format_report(report, prefix='student_from_teacher')
+    line = mapping.format_report(report, prefix='student_from_teacher')
   else:
     return state
   log.info('%s', line)
@@ -273,10 +273,11 @@ class Loop:
     self.progress = metrics_lib.Progress(
       run.total_steps, self.start_step, self.config.input.batch_size
     )
-    self.previous = None  # (step, metrics) of the step before, checked once the next is queued.
+    self.previous = None  # (step, metrics) of a step not yet checked (`run_step`).
     self.skipped = jnp.zeros((), jnp.float32)  # Steps skipped as not finite, since the start.
 
-  def check_finite(self, step, metrics) -> None:
+  def check_finite(self, step: int, metrics) -> None:
+    """Stops the run (on_nonfinite='stop') if step `step`'s loss or gradients were not finite."""
     if self.config.train.on_nonfinite == 'stop' and float(metrics['train/nonfinite']):
       kept = (
         f'checkpoint {self.last_saved} is kept' if self.last_saved is not None else 'no checkpoint'
@@ -316,7 +317,6 @@ class Loop:
     )
 
   def log_step(self, step: int, metrics) -> None:
-    self.check_finite(step, metrics)
     skipped = self.check_skipped()
     metrics = jax.device_get(metrics)
     rates = self.progress.report(step)
@@ -336,30 +336,38 @@ class Loop:
       metrics_lib.format_duration(rates['eta_sec']),
     )
 
-  def one_step(self, batch) -> None:
-    """A step, then (for the step before) the non-finite check, without waiting on this one."""
+  def run_step(self, batch, stop: _StopRequest) -> None:
+    """The loop body: one train step, then what is due after it.
+
+    A step's metrics are checked (`check_finite`) once the next step is
+    queued, so that the check does not hold up the device; a step that is
+    logged or saved, or at which the run stops, is checked at once.
+    """
+    config, total = self.config, self.run.total_steps
     self.state, metrics = self.train_fn(self.state, batch)
     self.skipped = self.skipped + metrics['train/nonfinite']
-    self.step += 1
-    if self.previous is not None:
-      self.check_finite(*self.previous)
-    self.previous = (self.step, metrics)
-
-  def after_step(self, stop) -> None:
-    config, step, total = self.config, self.step, self.run.total_steps
-    metrics = self.previous[1]
-    if _due(step, config.train.log_every) or step == total:
+    self.step = step = self.step + 1
+    log_now = _due(step, config.train.log_every) or step == total
+    evaluate_now = _due(step, config.train.eval_every) and step < total
+    fewshot_now = self.fewshot_fn is not None and _due(step, config.fewshot.every) and step < total
+    save_now = _due(step, config.train.checkpoint_every) and step < total
+    stop_now = stop.should_stop(step)
+    unchecked = [self.previous] if self.previous is not None else []
+    self.previous = (step, metrics)
+    if log_now or save_now or stop_now:
+      unchecked.append(self.previous)
+      self.previous = None
+    for unchecked_step, unchecked_metrics in unchecked:
+      self.check_finite(unchecked_step, unchecked_metrics)
+    if log_now:
       self.log_step(step, metrics)
-    if _due(step, config.train.eval_every) and step < total:
+    if evaluate_now:
       self.evaluate(step)
-    if self.fewshot_fn and _due(step, config.fewshot.every) and step < total:
+    if fewshot_now:
       self.writer.write(step, self.fewshot(step))
-    if _due(step, config.train.checkpoint_every) and step < total:
-      self.check_finite(step, metrics)
+    if save_now or stop_now:
       self.save(step)
-    if stop.should_stop(step):
-      self.check_finite(step, metrics)
-      self.save(step)
+    if stop_now:
       self.manager.wait_until_finished()
       self.writer.close()
       raise UserError(
@@ -377,14 +385,13 @@ class Loop:
     while self.step < self.run.total_steps:
       if self.step == profile.start_step and profile_end > profile.start_step:
         jax.profiler.start_trace(profile_dir)
-      self.one_step(sharding.global_batch(next(batches), self.run.mesh))
+      self.run_step(sharding.global_batch(next(batches), self.run.mesh), stop)
       if self.step == profile_end and profile_end > profile.start_step:
         jax.block_until_ready(self.state)
         jax.profiler.stop_trace()
         log.info(
           'Profile of steps [%d, %d) written to %s.', profile.start_step, profile_end, profile_dir
         )
-      self.after_step(stop)
     jax.block_until_ready(self.state)
     return time.perf_counter() - start
 
@@ -419,8 +426,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   Returns the final metrics: 'step', 'test/accuracy', 'test/loss', ...
   """
-  config_defaults.validate(config)
-  validation.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  validation.validate_devices(config, jax.device_count(), jax.process_count())
   workdir = os.path.abspath(workdir)
   config_json = config_to_json(config)
   finished = workdirs.check_workdir(workdir, config_json)

@@ -15,7 +15,7 @@ order of the tokens. Parameter names (below `map_head/` in the ViT):
 probe (1, 1, D); attention/{query,key,value}/{kernel (D, h, D/h), bias (h, D/h)};
 attention/out/{kernel (h, D/h, D), bias (D,)}; norm/{scale, bias} (D,);
 mlp/Dense_0/{kernel (D, H), bias (H,)}; mlp/Dense_1/{kernel (H, D), bias (D,)}.
-They match big_vision's MAPHead one to one (`vmoe_jax.npz_loader.from_big_vision`
+They match big_vision's MAPHead one to one (`vmoe_jax.transfer.npz_loader.from_big_vision`
 converts its names).
 """
 

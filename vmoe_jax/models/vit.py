@@ -45,41 +45,11 @@ def decode_variant(variant: str) -> dict[str, int]:
   return dict(VARIANTS[match.group(1)], patch_size=int(match.group(2)))
 
 
-def moe_layer_indices(spec: str | int | tuple | list, depth: int) -> tuple[int, ...]:
-  """Which blocks hold an MoE MLP (0-based).
-
-  'none' -> (); 'all' -> every block; 'every_2' -> blocks 1, 3, 5, ... (every
-  other block, ending with the last one when depth is even, as in V-MoE);
-  'last_3' -> the last 3 blocks; '0,5,11' or a tuple -> those blocks.
-  """
-  if isinstance(spec, int):
-    spec = (spec,)
-  if isinstance(spec, (tuple, list)):
-    indices = tuple(int(i) for i in spec)
-  elif spec in ('none', ''):
-    indices = ()
-  elif spec == 'all':
-    indices = tuple(range(depth))
-  elif m := re.fullmatch(r'every_(\d+)', spec):
-    step = int(m.group(1))
-    indices = tuple(range(step - 1, depth, step)) if step > 0 else ()
-  elif m := re.fullmatch(r'last_(\d+)', spec):
-    indices = tuple(range(max(0, depth - int(m.group(1))), depth))
-  elif re.fullmatch(r'\d+(,\d+)*', spec):
-    indices = tuple(int(i) for i in spec.split(','))
-  else:
-    raise UserError(
-      f"moe layers {spec!r} not understood; use 'all', 'every_N', 'last_N', 'none' or a "
-      "comma-separated list of block indices such as '1,3,5'."
-    )
-  if any(not 0 <= i < depth for i in indices):
-    raise UserError(f'moe layers {indices} fall outside the {depth} blocks (0..{depth - 1}).')
-  return tuple(sorted(set(indices)))
-
-
 STEMS = ('patch', 'conv')
 # 'token': the class token; 'gap': the mean token; 'map': attention pooling (`heads.MapHead`).
 CLASSIFIERS = ('token', 'gap', 'map')
+# Compute dtypes of activations and matmuls (parameters stay float32).
+DTYPES = ('float32', 'bfloat16', 'float16')
 
 
 def conv_stem_channels(width: int, patch_size: int) -> tuple[int, ...]:
@@ -92,8 +62,8 @@ def conv_stem_channels(width: int, patch_size: int) -> tuple[int, ...]:
   n = patch_size.bit_length() - 1
   if patch_size < 2 or 2**n != patch_size:
     raise UserError(
-      f'model.stem=conv needs a patch size that is a power of 2 (2, 4, 8, 16), got '
-      f'{patch_size}; use --config.model.stem=patch for other sizes.'
+      f"model.patch_size={patch_size} with model.stem='conv' must be a power of 2 (2, 4, 8, 16); "
+      'change --config.model.patch_size or use --config.model.stem=patch.'
     )
   return tuple(max(1, width // 2 ** (n - 1 - i)) for i in range(n))
 
@@ -212,14 +182,14 @@ class MlpBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     width = x.shape[-1]
     init = dict(
       kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.normal(stddev=1e-6)
     )
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, **init)(x)
     x = nn.gelu(x)
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     return nn.Dense(width, dtype=self.dtype, **init)(x)
 
 
@@ -235,30 +205,26 @@ class EncoderBlock(nn.Module):
   mesh: Mesh | None = None
 
   @nn.compact
-  def __call__(
-    self, x: jax.Array, *, deterministic: bool, mask=None
-  ) -> tuple[jax.Array, dict | None]:
+  def __call__(self, x: jax.Array, *, train: bool, mask=None) -> tuple[jax.Array, dict | None]:
     y = nn.LayerNorm(dtype=self.dtype, name='norm_attention')(x)
     y = nn.MultiHeadDotProductAttention(
       num_heads=self.num_heads,
       dtype=self.dtype,
       kernel_init=nn.initializers.xavier_uniform(),
       dropout_rate=self.attention_dropout_rate,
-      deterministic=deterministic,
+      deterministic=not train,
       name='attention',
     )(y, y)
-    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=not train)
     y = nn.LayerNorm(dtype=self.dtype, name='norm_mlp')(x)
     metrics = None
     if self.moe is not None:
       y, metrics = moe_layer.MoeMlp(self.moe, dtype=self.dtype, mesh=self.mesh, name='moe')(
-        y, deterministic=deterministic, mask=mask
+        y, train=train, mask=mask
       )
     else:
-      y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name='mlp')(
-        y, deterministic=deterministic
-      )
-    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+      y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name='mlp')(y, train=train)
+    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=not train)
     return x, metrics
 
 
@@ -292,14 +258,11 @@ class ViT(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool, mask=None) -> tuple[jax.Array, dict]:
     """images (B, H, W, C), mask (B,) (0 for padding rows, evaluation) -> logits, extras."""
-    if self.classifier not in CLASSIFIERS:
-      raise UserError(f'model.classifier={self.classifier!r} is unknown; use one of {CLASSIFIERS}.')
-    deterministic = not train
     if self.stem == 'conv':
       x = ConvStem(
         self.width, self.patch_size, self.dtype, extra_convs=self.stem_extra_convs, name='stem'
       )(images.astype(self.dtype))
-    elif self.stem == 'patch':
+    else:
       x = nn.Conv(
         self.width,
         (self.patch_size, self.patch_size),
@@ -308,8 +271,6 @@ class ViT(nn.Module):
         dtype=self.dtype,
         name='embedding',
       )(images.astype(self.dtype))
-    else:
-      raise UserError(f'model.stem={self.stem!r} is unknown; use one of {STEMS}.')
     batch, rows, cols, width = x.shape
     x = x.reshape(batch, rows * cols, width)
     if self.classifier == 'token':
@@ -317,7 +278,7 @@ class ViT(nn.Module):
       x = jnp.concatenate([jnp.tile(cls.astype(self.dtype), (batch, 1, 1)), x], axis=1)
     pos = self.param('pos_embedding', nn.initializers.normal(stddev=0.02), (1, *x.shape[1:]))
     x = x + pos.astype(self.dtype)
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
 
     moe_metrics = {}
     for i in range(self.depth):
@@ -330,7 +291,7 @@ class ViT(nn.Module):
         moe=self.moe if i in self.moe_layers else None,
         mesh=self.mesh,
         name=f'block_{i:02d}',
-      )(x, deterministic=deterministic, mask=mask)
+      )(x, train=train, mask=mask)
       if metrics is not None:
         moe_metrics[i] = metrics
     x = nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(x)

@@ -42,10 +42,11 @@ from vmoe_jax.moe import plans
 from vmoe_jax.moe import routers
 from vmoe_jax.moe import routing as routing_lib
 from vmoe_jax.moe.spec import MoeSpec
+from vmoe_jax.runtime.sharding import BATCH_AXES
+from vmoe_jax.runtime.sharding import DATA_AXIS
+from vmoe_jax.runtime.sharding import EXPERT_AXIS
+from vmoe_jax.runtime.sharding import check_expert_axis
 
-DATA_AXIS = 'data'
-EXPERT_AXIS = 'expert'
-BATCH_AXES = (DATA_AXIS, EXPERT_AXIS)  # The batch is split over both mesh axes.
 EXPERT_PARAMS = ('wi', 'bi', 'wo', 'bo')
 
 
@@ -148,7 +149,7 @@ def moe_forward(x, mask, params, noise, dropout_key, *, spec: MoeSpec, train: bo
   batch, tokens, width = x.shape
   xg, token_mask = group_tokens(x, mask, spec.group_size)
   num_shards = mesh_axes[EXPERT_AXIS] if mesh_axes else 1
-  router = routers.ROUTERS[spec.router]
+  router = routers.get(spec.router)
   with jax.named_scope('moe_route'):
     logits = router_logits(xg, params, router)
     inputs = routers.RouterInputs(
@@ -212,19 +213,6 @@ def combine_metrics(metrics: dict, weights: dict) -> dict:
   return out
 
 
-def check_divisible(num_experts: int, mesh: Mesh | None) -> None:
-  """Raises a one-line error when the experts do not split over the expert axis."""
-  if mesh is None:
-    return
-  shards = mesh.shape[EXPERT_AXIS]
-  if num_experts % shards:
-    raise UserError(
-      f'num_experts={num_experts} is not a multiple of the expert mesh axis ({shards} shards); '
-      f'use a multiple of {shards} experts or set --config.mesh.expert to a divisor of '
-      f'{num_experts}.'
-    )
-
-
 class MoeMlp(nn.Module):
   """Sparse Mixture-of-Experts MLP: (B, T, D) -> (B, T, D), plus metrics.
 
@@ -269,25 +257,30 @@ class MoeMlp(nn.Module):
     return params
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool, mask=None) -> tuple[jax.Array, dict]:
+  def __call__(self, x: jax.Array, *, train: bool, mask=None) -> tuple[jax.Array, dict]:
+    """x (B, T, D), mask (B,) (0 for padding rows) -> (B, T, D), metrics.
+
+    `train`: training routing (noise, dropout, the training capacity), as
+    `vmoe_jax.models.vit.ViT(..., train=)`; else evaluation routing.
+    """
     batch, tokens, width = x.shape
     spec = self.spec
-    check_divisible(spec.num_experts, self.mesh)
-    router = routers.ROUTERS[spec.router]
+    if self.mesh is not None:
+      check_expert_axis(self.mesh.shape[EXPERT_AXIS], self.mesh.size, spec.num_experts)
+    router = routers.get(spec.router)
     devices = self.mesh.size if self.mesh is not None else 1
     group_tokens_count = spec.images_per_group(max(1, batch // devices)) * tokens
     num_logits = router.num_logits(spec, group_tokens_count)
     params = self._params(width, num_logits, router)
     noise = None
-    if not deterministic and spec.noise_std > 0 and router.uses_noise:
+    if train and spec.noise_std > 0 and router.uses_noise:
       noise = (spec.noise_std / spec.num_experts) * jax.random.normal(
         self.make_rng('router'), (batch, tokens, num_logits), jnp.float32
       )
     dropout_key = None
-    if not deterministic and spec.dropout > 0:
+    if train and spec.dropout > 0:
       dropout_key = self.make_rng('dropout')
     x = x.astype(self.dtype)
-    train = not deterministic
     if self.mesh is None or self.mesh.size == 1:  # One device: no collectives to run.
       y, metrics, per_token = moe_forward(
         x, mask, params, noise, dropout_key, spec=spec, train=train, mesh_axes=None

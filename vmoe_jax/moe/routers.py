@@ -33,10 +33,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from vmoe_jax.errors import UserError
 from vmoe_jax.moe import dropless
 from vmoe_jax.moe import losses
 from vmoe_jax.moe import plans
 from vmoe_jax.moe import routing
+from vmoe_jax.moe.spec import AUX_LOSS_WEIGHTS
 from vmoe_jax.moe.spec import MoeSpec
 
 
@@ -117,13 +119,7 @@ def gate_losses(inputs: RouterInputs, gates: jax.Array, spec: MoeSpec, noise_std
 
 
 def _zero_losses() -> dict:
-  return {name: jnp.zeros((), jnp.float32) for name in losses_names()}
-
-
-def losses_names() -> tuple[str, ...]:
-  from vmoe_jax.moe import spec as spec_lib  # pylint: disable=g-import-not-at-top
-
-  return tuple(spec_lib.AUX_LOSS_WEIGHTS)
+  return {name: jnp.zeros((), jnp.float32) for name in AUX_LOSS_WEIGHTS}
 
 
 def real_count(mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array:
@@ -233,11 +229,13 @@ def route_image_topk(inputs: RouterInputs, spec: MoeSpec) -> RouterOutput:
   never rounded). Noise: one draw per image (the noise of its first token).
   """
   num_groups, num_tokens, num_experts = inputs.logits.shape
-  t = inputs.tokens_per_image
-  n = num_tokens // t
+  tokens_per_image = inputs.tokens_per_image
+  num_images = num_tokens // tokens_per_image
 
-  def per_image(a):
-    return None if a is None else a.reshape(num_groups, n, t, *a.shape[2:])
+  def per_image(array):
+    if array is None:
+      return None
+    return array.reshape(num_groups, num_images, tokens_per_image, *array.shape[2:])
 
   image_mask = None if inputs.mask is None else per_image(inputs.mask)[:, :, 0]
   image_inputs = RouterInputs(
@@ -248,7 +246,7 @@ def route_image_topk(inputs: RouterInputs, spec: MoeSpec) -> RouterOutput:
     train=inputs.train,
   )
   gates = jax.nn.softmax(_noisy(image_inputs), axis=-1)
-  capacity = images_per_expert(spec, n, inputs.train)
+  capacity = images_per_expert(spec, num_images, inputs.train)
   factor = spec.capacity_factor_for(inputs.train)
   limit = routing.effective_capacity(image_mask, num_experts, spec.num_selected, factor)
   images = routing.route(
@@ -259,14 +257,14 @@ def route_image_topk(inputs: RouterInputs, spec: MoeSpec) -> RouterOutput:
     renormalize=spec.renormalize,
     mask=image_mask,
   )  # (G, N, K)
-  token = jnp.arange(t, dtype=jnp.int32)[None, None, :, None]
+  token = jnp.arange(tokens_per_image, dtype=jnp.int32)[None, None, :, None]
 
-  def to_tokens(a):
-    return jnp.broadcast_to(a[:, :, None], (num_groups, n, t, a.shape[-1])).reshape(
-      num_groups, num_tokens, -1
-    )
+  def to_tokens(array):
+    shape = (num_groups, num_images, tokens_per_image, array.shape[-1])
+    return jnp.broadcast_to(array[:, :, None], shape).reshape(num_groups, num_tokens, -1)
 
-  slot = jnp.where(images.slot[:, :, None] >= 0, images.slot[:, :, None] * t + token, -1)
+  image_slot = images.slot[:, :, None]
+  slot = jnp.where(image_slot >= 0, image_slot * tokens_per_image + token, -1)
   view = routing.Routing(
     expert_index=to_tokens(images.expert_index),
     slot=slot.reshape(num_groups, num_tokens, -1),
@@ -274,7 +272,8 @@ def route_image_topk(inputs: RouterInputs, spec: MoeSpec) -> RouterOutput:
   )
   metrics = gate_losses(image_inputs, gates, spec, _noise_std(inputs, spec))
   metrics.update(assignment_metrics(images, gates, image_mask, num_experts))
-  plan = plans.from_routing(view, num_experts, image_capacity(spec, num_tokens, t, inputs.train))
+  buffer_capacity = image_capacity(spec, num_tokens, tokens_per_image, inputs.train)
+  plan = plans.from_routing(view, num_experts, buffer_capacity)
   return RouterOutput(plan, metrics, view, token_weights(image_mask, gates.shape))
 
 
@@ -436,3 +435,10 @@ ROUTERS: dict[str, Router] = {
 }
 # Routers whose num_selected (K) is a number of experts per token or image.
 SELECTS_K = ('topk', 'image_topk', 'dropless')
+
+
+def get(name: str) -> Router:
+  """The router `name` of `ROUTERS`; a one-line UserError naming the routers for another name."""
+  if name not in ROUTERS:
+    raise UserError(f'model.moe.router={name!r} is unknown; use one of {sorted(ROUTERS)}.')
+  return ROUTERS[name]

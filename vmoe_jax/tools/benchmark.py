@@ -9,17 +9,17 @@ experts, K, a capacity factor and a dispatch implementation):
   rows = run_benchmark(settings, cases, modes=['train'])
   print(format_table(rows))
 
-Every case is built as training builds its model: `config_defaults` ->
-`MoeSpec.from_config` -> `factory.create_model` -> `steps.create_train_state`.
+Every case is built as training builds its model: `schema.defaults` ->
+`factory.moe_spec` -> `factory.create_model` -> `steps.create_train_state`.
 Routing groups hold `settings.group_size` images; by default all images of a
 device (0), except for Soft MoE, whose slot count must not follow the device
-batch (`MoeSpec` refuses group_size 0 without slots_per_expert): one image per
+batch (the schema refuses group_size 0 without slots_per_expert): one image per
 group, as Puigcerver et al. 2023 route each sequence on its own.
 
 Timing: every case is compiled and run `warmup` times; then `steps` rounds
 time one step of every case, in turn (each step waited for), so that changes
 in the machine's load fall on all cases alike; rows hold medians. FLOPs are
-analytic (`vmoe_jax.flops.forward_flops`: the router's active FLOPs at the
+analytic (`vmoe_jax.models.flops.forward_flops`: the router's active FLOPs at the
 training capacity, forward pass; a train step counts 3x).
 
 The expert MLPs' matmuls alone: `vmoe_jax.tools.expert_matmuls`.
@@ -40,20 +40,19 @@ from typing import Any
 import jax
 import numpy as np
 
-from vmoe_jax import config_defaults
-from vmoe_jax import flops
-from vmoe_jax import optim
-from vmoe_jax import schedules
-from vmoe_jax import sharding
 from vmoe_jax import steps as train_steps
 from vmoe_jax.errors import UserError
 from vmoe_jax.models import factory
-from vmoe_jax.moe.spec import MoeSpec
+from vmoe_jax.models import flops
+from vmoe_jax.optim import optimizers
+from vmoe_jax.optim import schedules
+from vmoe_jax.runtime import sharding
+from vmoe_jax.schema import defaults
+from vmoe_jax.schema import validation
 
 log = logging.getLogger(__name__)
 
 MODES = ('train', 'inference')
-DISPATCHES = ('indices', 'einsum')
 NUM_CLASSES = 10
 SOFT_GROUP_SIZE = 1  # Images per Soft MoE routing group unless settings.group_size is set.
 
@@ -187,13 +186,13 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
 
 
 def tokens_per_image(settings: BenchSettings) -> int:
-  classifier = config_defaults.get_config().model.classifier
+  classifier = defaults.get_config().model.classifier
   return (settings.image_size // settings.patch_size) ** 2 + (classifier == 'token')
 
 
 def case_config(settings: BenchSettings, case: Case):
-  """The training config of a case (the schema of `config_defaults`)."""
-  config = config_defaults.get_config()
+  """The training config of a case (the schema of `vmoe_jax.schema.defaults`)."""
+  config = defaults.get_config()
   config.model.update(
     dict(
       width=settings.width,
@@ -217,7 +216,11 @@ def case_config(settings: BenchSettings, case: Case):
       group_size=settings.group_size_for(case.router),
     )
   )
+  # Random images of the benchmark's size (no dataset is read).
+  config.input.dataset = 'random'
+  config.input.image_size = settings.image_size
   config.input.batch_size = settings.batch_size
+  config.input.eval_batch_size = settings.batch_size
   config.optimizer.name = settings.optimizer
   config.mesh.expert = settings.expert_axis
   return config
@@ -231,7 +234,7 @@ def check_cases(settings: BenchSettings, cases: list[Case]) -> None:
         '--group_size=0 (all images of a device) does not fix the Soft MoE slot count; '
         'use --group_size=1 or more, or leave it unset (1 image per group for Soft MoE).'
       )
-    MoeSpec.from_config(case_config(settings, case))
+    validation.validate(case_config(settings, case))
     sharding.create_mesh(settings.expert_axis, case.num_experts)
 
 
@@ -288,13 +291,13 @@ def build_case(
   batch (see `BuiltCase`), nothing placed on a device.
   """
   config = case_config(settings, case) if config is None else config
-  spec = MoeSpec.from_config(config)
+  spec = factory.moe_spec(config)
   mesh = sharding.create_mesh(config.mesh.expert, case.num_experts, devices)
   model = factory.create_model(config, NUM_CLASSES, mesh, moe=spec)
   schedule = schedules.create_learning_rate_schedule(peak_value=1e-3, total_steps=10**6)
   tx, init_fn, abstract_state, shardings = train_steps.create_train_state(
     model,
-    lambda params, mask: optim.create_optimizer(config, schedule, params, mask),
+    lambda params, mask: optimizers.create_optimizer(config, schedule, params, mask),
     mesh,
     settings.image_shape,
   )

@@ -17,9 +17,9 @@ import statistics
 import jax
 import numpy as np
 
+from vmoe_jax.models import factory
 from vmoe_jax.moe import routers
 from vmoe_jax.moe import routing
-from vmoe_jax.moe.spec import MoeSpec
 from vmoe_jax.tools import benchmark
 from vmoe_jax.tools.benchmark import BenchSettings
 from vmoe_jax.tools.benchmark import Case
@@ -56,16 +56,16 @@ def expert_rows(settings: BenchSettings, case: Case) -> int:
   """C, the rows of every expert buffer of one routing group of a case at training.
 
   The group holds `group_size` images, or all `batch_size` images when it is 0.
-  The router's own capacity (`routers.ROUTERS[router].capacity`; Soft MoE:
+  The router's own capacity (`routers.get(router).capacity`; Soft MoE:
   its slots per expert); dropless has no buffers: the balanced share
   ceil(K * S / E).
   """
   tokens = benchmark.tokens_per_image(settings)
   group = (settings.group_size_for(case.router) or settings.batch_size) * tokens
-  capacity = routers.ROUTERS[case.router].capacity
+  capacity = routers.get(case.router).capacity
   if capacity is None:
     return routing.compute_capacity(group, case.num_experts, case.num_selected, 1.0)
-  spec = MoeSpec.from_config(benchmark.case_config(settings, case))
+  spec = factory.moe_spec(benchmark.case_config(settings, case))
   return capacity(spec, group, tokens, True)
 
 

@@ -45,12 +45,13 @@ from vmoe_jax.moe import dropless
 from vmoe_jax.moe import layer
 from vmoe_jax.moe import plans
 from vmoe_jax.moe import routers
+from vmoe_jax.runtime import sharding
 from vmoe_jax.tools import benchmark
 
-BATCH_SPEC = P(layer.BATCH_AXES)
-EXPERT_SPEC = P(layer.EXPERT_AXIS)
-BUFFER_SPEC = P(None, layer.BATCH_AXES)  # (E, G_l*C, D) per device.
-RECEIVED_SPEC = P(layer.EXPERT_AXIS, layer.DATA_AXIS)  # (E/n, n*G_l*C, D) per device.
+BATCH_SPEC = P(sharding.BATCH_AXES)
+EXPERT_SPEC = P(sharding.EXPERT_AXIS)
+BUFFER_SPEC = P(None, sharding.BATCH_AXES)  # (E, G_l*C, D) per device.
+RECEIVED_SPEC = P(sharding.EXPERT_AXIS, sharding.DATA_AXIS)  # (E/n, n*G_l*C, D) per device.
 
 
 _DTYPE_BYTES = {'f32': 4, 'bf16': 2, 'f16': 2, 's32': 4, 'f64': 8}
@@ -133,7 +134,7 @@ def _layer_geometry(built: benchmark.BuiltCase) -> dict:
     local_images=local,
     groups=local // images_per_group,
     group_tokens=images_per_group * tokens,
-    shards=mesh.shape[layer.EXPERT_AXIS],
+    shards=mesh.shape[sharding.EXPERT_AXIS],
   )
 
 
@@ -144,7 +145,7 @@ def phase_functions(built: benchmark.BuiltCase, block: int) -> tuple[list, dict]
   """
   model, mesh = built.model, built.mesh
   spec, geo = model.moe, _layer_geometry(built)
-  router = routers.ROUTERS[spec.router]
+  router = routers.get(spec.router)
   params = built.state.params[f'block_{block:02d}']['moe']
   router_params = {k: v for k, v in params.items() if k not in layer.EXPERT_PARAMS}
   expert_params = {k: params[k] for k in layer.EXPERT_PARAMS}

@@ -1,0 +1,1 @@
+"""Input data: the `Dataset` type, in-memory datasets (digits, Fashion-MNIST IDX files) and TFDS."""

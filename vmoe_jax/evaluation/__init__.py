@@ -1,0 +1,1 @@
+"""Evaluating trained runs: capacity sweeps, reports, figures, ablations, few-shot, the ledger."""

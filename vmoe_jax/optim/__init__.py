@@ -1,0 +1,1 @@
+"""Optimizers (Adafactor, AdamW, SGD with decoupled weight decay) and learning-rate schedules."""

@@ -1,0 +1,1 @@
+"""Starting from other weights: parameter mapping, `.npz` releases, resizing, distillation."""
