@@ -5,7 +5,8 @@
 or a set of choices); a test checks that it covers every key of the schema,
 so a new key needs a rule.
 Cross-field checks follow: the model size, the patch size against the image
-size, K against E, batch sizes against devices, processes, gradient
+size, K against E, Soft MoE slots and dropless blocks against the tokens
+there are, batch sizes against devices, processes, gradient
 accumulation and routing groups, the schedule against the number of steps,
 and the transfer / distillation keys.
 
@@ -162,6 +163,72 @@ def _check_moe(v) -> None:
     raise UserError(
       f'model.moe.slots_per_expert={slots} applies to the soft router only, not '
       f'model.moe.router={router!r}; remove it or use --config.model.moe.router=soft.'
+    )
+
+
+def tokens_per_image(v, size) -> int | None:
+  """T, the tokens of an image (patches, plus the class token), when the image size is known."""
+  side = image_side(v)
+  if side is None:
+    return None
+  patch = size['patch_size']
+  rows = -(-side // patch) if v['model.stem'] == 'conv' else side // patch  # SAME convs round up.
+  return rows * rows + (1 if v['model.classifier'] == 'token' else 0)
+
+
+def _images_per_device(v, num_devices: int | None) -> int | None:
+  """The most images a device holds in one step (training micro-batch or evaluation)."""
+  if num_devices is None:
+    return None
+  micro = v['input.batch_size'] // v['train.grad_accum_steps']
+  return max(micro, v['input.eval_batch_size']) // num_devices
+
+
+def _check_moe_sizes(v, size, num_devices: int | None) -> None:
+  """Soft MoE slots and dropless blocks that cannot be right: more than there are tokens.
+
+  Such sizes only make buffers of padding, often larger than any memory
+  (146 GB for 100,000 slots per expert on digits); see `vmoe_jax.memory` for
+  the estimate of what fits.
+  """
+  experts, router = v['model.moe.num_experts'], v['model.moe.router']
+  tokens = tokens_per_image(v, size)
+  if experts == 0 or tokens is None or router not in ('soft', 'dropless'):
+    return
+  group, per_device = v['model.moe.group_size'], _images_per_device(v, num_devices)
+  if router == 'soft':
+    images = group or per_device
+    if images is None:
+      return
+    where = f'model.moe.group_size={group} images' if group else f'{images} images per device'
+    group_tokens = images * tokens
+    slots, factor = v['model.moe.slots_per_expert'], v['model.moe.capacity_factor']
+    even = max(1, round(group_tokens / experts))
+    if slots is not None and slots > group_tokens:
+      raise UserError(
+        f'model.moe.slots_per_expert={slots} exceeds the {group_tokens} tokens of a routing group '
+        f"({where} of {tokens} tokens); a slot is a mix of the group's tokens, so use at most "
+        f'{group_tokens} (e.g. --config.model.moe.slots_per_expert={even}, one slot per token '
+        f'over the {experts} experts).'
+      )
+    if slots is None and round(factor * group_tokens / experts) > group_tokens:
+      raise UserError(
+        f'model.moe.capacity_factor={factor} gives Soft MoE '
+        f'{round(factor * group_tokens / experts)} slots per expert, more than the '
+        f'{group_tokens} tokens of a routing group ({where} of {tokens} tokens); use a capacity '
+        f'factor of at most {experts} (1.0: one slot per token over the experts).'
+      )
+    return
+  if per_device is None:
+    return
+  block, selected = v['model.moe.block_size'], v['model.moe.num_selected']
+  rows = per_device * tokens * selected * num_devices  # What a device may receive from all.
+  source = f', from each of {num_devices} devices' if num_devices > 1 else ''
+  if block > rows:
+    raise UserError(
+      f'model.moe.block_size={block} exceeds the {rows} (token, expert) rows that a device can '
+      f'receive in a step ({per_device} images of {tokens} tokens, K={selected}{source}), so '
+      f'its blocks would be padding; use at most {rows}, e.g. --config.model.moe.block_size=128.'
     )
 
 
@@ -325,6 +392,7 @@ def validate(config, num_devices: int | None = None, process_count: int = 1) -> 
   _check_model(v, size)
   _check_input(v, size)
   _check_moe(v)
+  _check_moe_sizes(v, size, num_devices)
   _check_batches(v, num_devices, process_count)
   _check_schedule(v, defaults)
   _check_transfer(v)
