@@ -572,6 +572,10 @@ def _run(run: Run, manager, config_json: dict, new_checkpoints: bool) -> dict[st
   # A run refused before training (e.g. init_from cannot be mapped) leaves no checkpoints/.
   with _removed_if_empty(os.path.join(workdir, workdirs.CHECKPOINT_DIR), new_checkpoints):
     workdirs.check_config(workdir, config_json, bool(manager.all_steps()))
+    memory.check(run)  # Before the state is placed on the devices.
+    checkpoint_bytes = checkpointing.estimate_bytes(run.abstract_state)
+    where = f'starting a run in {workdir}'
+    workdirs.check_free_space(workdir, checkpoint_bytes, where, resume=False)
     state, last = initial_state(run, manager)  # init_from and the teacher's weights map here.
     start_step = int(jax.device_get(state.step))
     if start_step >= run.total_steps:
@@ -580,10 +584,6 @@ def _run(run: Run, manager, config_json: dict, new_checkpoints: bool) -> dict[st
         log.info('%s already holds a run finished at step %d; nothing to do.', workdir, start_step)
         manager.close()
         return results
-    memory.check(run)
-    checkpoint_bytes = checkpointing.estimate_bytes(run.abstract_state)
-    where = f'starting a run in {workdir}'
-    workdirs.check_free_space(workdir, checkpoint_bytes, where, resume=False)
   # config.json describes the run that the checkpoints belong to: a run that
   # changes it (e.g. continues a finished run for longer) rewrites it only
   # once its own first checkpoint is on disk, so that a crash before that
