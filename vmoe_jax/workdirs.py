@@ -94,8 +94,16 @@ def _holder(path: str) -> str:
   return 'a process that has not said which'
 
 
+# flock's errors on a filesystem that does not support it.
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS)
+
+
 def _open_locked(path: str) -> int | None:
-  """An fd of `path` holding its exclusive flock; None when it cannot be created (read-only)."""
+  """An fd of `path` holding its exclusive flock.
+
+  None when the file cannot be created (a read-only workdir) or the
+  filesystem has no locks (a warning).
+  """
   while True:
     try:
       fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -111,6 +119,12 @@ def _open_locked(path: str) -> int | None:
     except BlockingIOError:
       os.close(fd)
       raise
+    except OSError as e:  # A filesystem without locks (some network or FUSE mounts).
+      os.close(fd)
+      if e.errno not in _NO_LOCKS:
+        raise
+      log.warning('%s cannot be locked (%s); two runs on it would not be refused.', path, e)
+      return None
     # The holder before us may have unlinked the file between our open and our
     # flock: then we hold a lock on a file nobody else sees, so try again.
     try:
@@ -141,8 +155,9 @@ def lock(workdir: str):
   multi-process run process 0 takes the lock (the workdir is shared) and
   every process learns whether it got it. A workdir that cannot be written
   and holds no lock file is not locked (nothing can be written there; a run
-  that would write is refused by `check_workdir`). The workdir is removed
-  again if this run created it and left it empty.
+  that would write is refused by `check_workdir`), nor is one on a
+  filesystem without flock (a warning). The workdir is removed again if this
+  run created it and left it empty.
   """
   _check_not_a_file(workdir)
   created = not os.path.exists(workdir)
