@@ -164,6 +164,14 @@ def test_tfds_missing_dataset_is_one_clear_line(tmp_path):
   assert '\n' not in message
 
 
+def test_a_missing_dataset_of_varying_image_size_says_it_is_missing_first(tmp_path):
+  # imagenet2012's images vary in size: input.image_size matters only once the data is there.
+  config = tfds_config(dataset='imagenet2012', data_dir=str(tmp_path))
+  with pytest.raises(UserError) as info:
+    input_pipeline.create_dataset(config)
+  assert str(info.value).startswith(f"TFDS dataset 'imagenet2012' is not prepared in {tmp_path}")
+
+
 def test_unknown_dataset_name():
   with pytest.raises(UserError, match="'cifar11' is neither an in-memory dataset"):
     input_pipeline.create_dataset(tfds_config(dataset='cifar11'))

@@ -497,6 +497,7 @@ def test_npz_errors(tmp_path):
   with pytest.raises(UserError, match=f'init_from: {garbage} is not a readable .npz file \\(') as e:
     npz_loader.load_npz(str(garbage))
   assert '\n' not in str(e.value)
+  assert 'pickle' not in str(e.value)  # np.load's guess (a pickle) is not the user's problem.
   single = tmp_path / 'one.npy'
   np.save(single, np.zeros(3))
   with pytest.raises(UserError, match='holds a single array, not an .npz archive'):

@@ -205,3 +205,24 @@ def test_tensorflow_is_never_imported(tmp_path):
     timeout=120,
   )
   assert json.loads(out.stdout.splitlines()[-1]) == [[], True]
+
+
+def test_progress_rates_and_eta_leave_out_the_compiling_first_step(monkeypatch):
+  clock = iter([0.0, 60.0, 70.0, 80.0])  # Start; first step done (compiled) at 60 s; reports.
+  monkeypatch.setattr(metrics.time, 'perf_counter', lambda: next(clock))
+  progress = metrics.Progress(total_steps=1001, start_step=0, batch_size=10)
+  assert progress.compiled(1) == 60.0
+  first = progress.report(101)  # 100 steps in 10 s.
+  assert first['images_per_sec'] == pytest.approx(100.0)
+  assert first['eta_sec'] == pytest.approx(90.0)  # 900 steps at 10 steps/s, not 540 s.
+  progress.report(201)
+  assert progress.median_step_seconds() == pytest.approx(0.1)
+
+
+def test_the_accuracy_axis_spans_at_least_two_points():
+  from vmoe_jax import routing_maps
+
+  low, high = routing_maps.accuracy_limits([96.94, 97.49])  # Two test images apart.
+  assert high - low == pytest.approx(2.0) and low < 96.94 and high > 97.49
+  low, high = routing_maps.accuracy_limits([80.0, 90.0])
+  assert (low, high) == pytest.approx((78.5, 91.5))

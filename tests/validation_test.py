@@ -7,6 +7,7 @@ The battery of bad inputs from the issue is checked twice: every row against
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -441,6 +442,28 @@ BATTERY = [
     'distill.init_from_teacher=True needs a teacher',
   ),
   ('digits_switch.py', {'fewshot.val_per_class': 0}, 'fewshot.val_per_class=0 leaves no held-out'),
+  # Sizes that cannot be right: more Soft MoE slots than tokens, dropless blocks of padding.
+  (
+    'digits_switch.py',
+    {'model.moe.router': 'soft', 'model.moe.slots_per_expert': 100000},
+    'model.moe.slots_per_expert=100000 exceeds the 128 tokens of a routing group '
+    "(model.moe.group_size=8 images of 16 tokens); a slot is a mix of the group's tokens, so use "
+    'at most 128 (e.g. --config.model.moe.slots_per_expert=16, one slot per token over the 8 '
+    'experts).',
+  ),
+  (
+    'digits_switch.py',
+    {'model.moe.router': 'soft', 'model.moe.capacity_factor': 100.0},
+    'model.moe.capacity_factor=100.0 gives Soft MoE 1600 slots per expert, more than the 128 '
+    'tokens of a routing group',
+  ),
+  (
+    'digits_switch.py',
+    {'model.moe.router': 'dropless', 'model.moe.block_size': 10_000_000},
+    'model.moe.block_size=10000000 exceeds the 6144 (token, expert) rows that a device can '
+    'receive in a step (96 images of 16 tokens, K=1, from each of 4 devices), so its blocks '
+    'would be padding; use at most 6144, e.g. --config.model.moe.block_size=128.',
+  ),
 ]
 
 
@@ -551,6 +574,37 @@ COMMAND_LINE = [
     'most 8, e.g. --config.model.patch_size=4.',
   ),
   (
+    [
+      '--config=configs/digits_switch.py',
+      '--config.model.moe.router=soft',
+      '--config.model.moe.slots_per_expert=100000',
+    ],
+    'error: model.moe.slots_per_expert=100000 exceeds the 128 tokens of a routing group '
+    "(model.moe.group_size=8 images of 16 tokens); a slot is a mix of the group's tokens, so use "
+    'at most 128 (e.g. --config.model.moe.slots_per_expert=16, one slot per token over the 8 '
+    'experts).',
+  ),
+  (  # Refused once the devices are known (8 here, from tests/conftest.py), before compiling.
+    [
+      '--config=configs/digits_switch.py',
+      '--config.model.moe.router=dropless',
+      '--config.model.moe.block_size=10000000',
+    ],
+    'error: model.moe.block_size=10000000 exceeds the 6144 (token, expert) rows that a device '
+    'can receive in a step (48 images of 16 tokens, K=1, from each of 8 devices), so its blocks '
+    'would be padding; use at most 6144, e.g. --config.model.moe.block_size=128.',
+  ),
+  (
+    ['--config=configs'],
+    'error: --config=configs is a directory; pass a config file, e.g. '
+    '--config=configs/cifar10_switch.py.',
+  ),
+  (
+    ['--config=configs/digits_switch.py', '--config.model.moe=3'],
+    "error: 'model.moe' is a group of config keys, not a key; set one of its keys instead, e.g. "
+    '--config.model.moe.batch_priority=... (all keys: vmoe_jax/config_defaults.py).',
+  ),
+  (
     ['--config=configs/cifar10_switch.py:lcoal'],
     "error: --config=configs/cifar10_switch.py:lcoal: 'lcoal' is not an argument of this config "
     'file; use --config=configs/cifar10_switch.py or --config=configs/cifar10_switch.py:local.',
@@ -564,4 +618,24 @@ def test_command_line_battery(tmp_path, args, line):
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.strip().splitlines() == [line]
   assert 'Traceback' not in result.stderr + result.stdout
+  assert not os.listdir(tmp_path)
+
+
+def test_a_step_larger_than_memory_is_refused_before_compiling(tmp_path):
+  """Validation cannot know the host; the estimate from the shapes (vmoe_jax.models.memory) does."""
+  result = run_main(
+    '--config=configs/digits_switch.py',
+    '--config.model.moe.capacity_factor=100000',
+    f'--workdir={tmp_path}',
+  )
+  assert result.returncode == 2, result.stderr[-2000:]
+  line = result.stderr.strip().splitlines()[-1]
+  assert re.fullmatch(
+    r'error: the train step needs an estimated [0-9.]+ GiB per device \(MoE buffers [0-9.]+ GiB, '
+    r'sized by model.moe.capacity_factor\), more than .* of host memory.*; lower '
+    r'--config.model.moe.capacity_factor \(the estimate counts the largest arrays only, from '
+    r'their shapes\).',
+    line,
+  ), line
+  assert 'Traceback' not in result.stderr and 'First step' not in result.stderr  # Not compiled.
   assert not os.listdir(tmp_path)

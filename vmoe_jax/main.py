@@ -78,6 +78,12 @@ def _config_error(argv: list[str], error: Exception) -> str:
     if arg.startswith('--config.'):
       path = arg[len('--config.') :].split('=', 1)[0]
       known = defaults.all_keys()
+      inside = [key for key in known if key.startswith(path + '.')]
+      if inside:  # A section (model.moe), not a key: say so rather than suggest a neighbour.
+        return (
+          f"'{path}' is a group of config keys, not a key; set one of its keys instead, e.g. "
+          f'--config.{inside[0]}=... (all keys: vmoe_jax/defaults.py).'
+        )
       if path not in known:
         return defaults.unknown_key_message(path, known)
   return f'bad --config flag: {str(error).strip().splitlines()[-1][:300]}'
@@ -98,7 +104,14 @@ def main(argv: list[str]) -> None:
   config_file = config_flags.get_config_filename(flags.FLAGS['config']).split(':')[0]
   if not os.path.exists(config_file):
     _fail(f'config file {config_file!r} does not exist; pass --config=configs/<name>.py.')
-  config = _CONFIG.value
+  if os.path.isdir(config_file):
+    names = sorted(n for n in os.listdir(config_file) if n.endswith('.py'))
+    example = os.path.join(config_file, names[0]) if names else 'configs/<name>.py'
+    _fail(f'--config={config_file} is a directory; pass a config file, e.g. --config={example}.')
+  try:
+    config = _CONFIG.value
+  except (OSError, ValueError) as e:  # The file could not be loaded as a config file.
+    _fail(_config_error([], e))
   # Our progress at INFO; libraries (orbax, jax) at WARNING.
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('vmoe_jax').setLevel(logging.INFO)

@@ -14,6 +14,7 @@ Reads top to bottom:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -39,6 +40,7 @@ from vmoe_jax.data.dataset import Dataset
 from vmoe_jax.errors import UserError
 from vmoe_jax.evaluation import fewshot
 from vmoe_jax.models import factory
+from vmoe_jax.models import memory
 from vmoe_jax.models import vit
 from vmoe_jax.optim import optimizers
 from vmoe_jax.optim import schedules
@@ -102,14 +104,18 @@ class _StopRequest:
   """Turns SIGTERM / SIGINT into a stop at a step that every process agrees on.
 
   One process: a Python handler sets a flag that the loop reads after each
-  step. Several processes: a signal may reach them at different steps, so
-  SIGTERM is left to JAX's preemption service, which picks the same step on
-  all of them (`multihost_utils.reached_preemption_sync_point`); Ctrl-C then
-  interrupts at once.
+  step; the run then saves a checkpoint and stops. A second signal does not
+  abort that save (or the step before it): it says to wait. A third aborts at
+  once, without saving. Several processes: a signal may reach them at
+  different steps, so SIGTERM is left to JAX's preemption service, which
+  picks the same step on all of them
+  (`multihost_utils.reached_preemption_sync_point`); Ctrl-C then interrupts
+  at once.
   """
 
   def __init__(self):
     self.signal = None
+    self.count = 0
     self._previous = {}
     self._multiprocess = jax.process_count() > 1
 
@@ -125,9 +131,16 @@ class _StopRequest:
 
   def _handle(self, signum, frame):
     del frame
-    if self.signal is not None:  # Second signal: give up at once.
+    self.count += 1
+    name = signal.Signals(signum).name
+    if self.count >= 3:  # Third signal: give up at once.
       raise KeyboardInterrupt
-    self.signal = signal.Signals(signum).name
+    if self.count == 2:
+      log.warning(
+        '%s received again: saving, please wait (a third signal stops without saving).', name
+      )
+      return
+    self.signal = name
     log.warning('%s received: saving a checkpoint after this step, then stopping.', self.signal)
 
   def should_stop(self, step: int) -> bool:
@@ -165,6 +178,25 @@ class Run:
   teacher: inference.TrainedModel | None = None  # The frozen teacher of distillation.
 
 
+def _check_teacher(teacher, path: str, dataset: input_pipeline.Dataset) -> None:
+  """The teacher sees the student's batches: it must take images of their size and classes."""
+
+  def size(shape, name):
+    return f'{"x".join(map(str, shape))} images{f" of {name}" if name else ""}'
+
+  if tuple(teacher.image_shape) != tuple(dataset.image_shape):
+    raise UserError(
+      f'distill.teacher={path!r} was trained on {size(teacher.image_shape, teacher.dataset)}, '
+      f'this run trains on {size(dataset.image_shape, dataset.name)}; distil from a teacher '
+      'trained on images of the same size.'
+    )
+  if teacher.num_classes != dataset.num_classes:
+    raise UserError(
+      f"distill.teacher={path!r} predicts {teacher.num_classes} classes, this run's data has "
+      f'{dataset.num_classes}; distil from a teacher trained on the same classes.'
+    )
+
+
 def setup(config, workdir: str) -> Run:
   """Mesh, data, schedule, model, optimizer and the abstract state of a run."""
   mesh = sharding.create_mesh(config.mesh.expert, config.model.moe.num_experts)
@@ -183,7 +215,8 @@ def setup(config, workdir: str) -> Run:
   )
   teacher = None
   if config.distill.teacher:
-    teacher = inference.load(config.distill.teacher)
+    teacher = inference.load(config.distill.teacher, key='distill.teacher')
+    _check_teacher(teacher, config.distill.teacher, dataset)
     log.info('Distilling from %s (step %d).', config.distill.teacher, teacher.step)
   return Run(
     config,
@@ -261,10 +294,15 @@ def compile_steps(run: Run):
 class Loop:
   """The training loop's state between steps: checks, logging, evaluations, checkpoints."""
 
-  def __init__(self, run: Run, manager, state, last_saved, writer):
+  def __init__(self, run: Run, manager, state, last_saved, writer, pending_config=None):
     self.run, self.manager, self.writer = run, manager, writer
     self.config = run.config
     self.state, self.last_saved = state, last_saved
+    self.saving = None  # The step of the checkpoint being written in the background, if any.
+    # config.json of this run, written once its first checkpoint is on disk (see
+    # `train_and_evaluate`); None when it is written already.
+    self.pending_config = pending_config
+    self.checkpoint_bytes = checkpointing.estimate_bytes(run.abstract_state)
     self.start_step = self.step = int(jax.device_get(state.step))
     self.train_fn, self.eval_fn = compile_steps(run)
     self.fewshot_fn = None
@@ -300,9 +338,50 @@ class Loop:
     return skipped
 
   def save(self, step: int) -> None:
+    """Checkpoint `step`, written in the background (see `wait_saved`).
+
+    The previous checkpoint is finished first, then the free space is
+    checked against the size of one checkpoint. A full disk is a one-line
+    UserError (`_save_failed`): what the failed save left is removed, the
+    checkpoints before it are kept.
+    """
+    self.wait_saved()
+    checkpoints = os.path.join(self.run.workdir, workdirs.CHECKPOINT_DIR)
+    doing = f'saving checkpoint {step} to {checkpoints}'
+    workdirs.check_free_space(self.run.workdir, self.checkpoint_bytes, doing)
     meta = {'step': step, 'examples_seen': step * self.config.input.batch_size}
-    checkpointing.save(self.manager, step, self.state, meta)
+    self.saving = step
+    try:
+      checkpointing.save(self.manager, step, self.state, meta)
+    except UserError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(e) from None
     self.last_saved = step
+    if self.pending_config is not None:  # The change is safe once a checkpoint backs it.
+      self.wait_saved()
+      workdirs.write_config(self.run.workdir, self.pending_config)
+      self.pending_config = None
+
+  def wait_saved(self) -> None:
+    """Waits for the checkpoint being written; a full disk is a one-line UserError."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(e) from None
+    self.saving = None
+
+  def _save_failed(self, error: Exception) -> Exception:
+    """The error to raise for a failed save: one line for a full disk, else `error` itself."""
+    if not workdirs.is_disk_full(error):
+      return error
+    checkpoints = os.path.join(self.run.workdir, workdirs.CHECKPOINT_DIR)
+    failed = self.saving if self.saving is not None else self.step
+    self.saving = None
+    _close_quietly(self.manager)
+    checkpointing.join_writers()
+    workdirs.remove_partial_files(self.run.workdir)
+    return workdirs.disk_full_error(f'saving checkpoint {failed} to {checkpoints}')
 
   def evaluate(self, step: int) -> dict:
     test = evaluate(self.eval_fn, self.state.params, self.run.dataset, self.run.mesh)
@@ -341,12 +420,16 @@ class Loop:
 
     A step's metrics are checked (`check_finite`) once the next step is
     queued, so that the check does not hold up the device; a step that is
-    logged or saved, or at which the run stops, is checked at once.
+    logged or saved, or at which the run stops, is checked at once. Rates and
+    the ETA count from the end of the first step, which compiles.
     """
     config, total = self.config, self.run.total_steps
     self.state, metrics = self.train_fn(self.state, batch)
     self.skipped = self.skipped + metrics['train/nonfinite']
     self.step = step = self.step + 1
+    if step == self.start_step + 1:
+      jax.block_until_ready(metrics)
+      log.info('First step (compilation included) took %.1fs.', self.progress.compiled(step))
     log_now = _due(step, config.train.log_every) or step == total
     evaluate_now = _due(step, config.train.eval_every) and step < total
     fewshot_now = self.fewshot_fn is not None and _due(step, config.fewshot.every) and step < total
@@ -368,12 +451,16 @@ class Loop:
     if save_now or stop_now:
       self.save(step)
     if stop_now:
-      self.manager.wait_until_finished()
-      self.writer.close()
-      raise UserError(
-        f'stopped by {stop.signal} at step {step}; checkpoint {step} saved in '
-        f'{self.run.workdir}, run the same command to resume.'
-      )
+      self.stop(stop, step)
+
+  def stop(self, stop: _StopRequest, step: int) -> None:
+    """After the checkpoint of `step` is saved: waits for it, then stops the run."""
+    self.wait_saved()
+    self.writer.close()
+    raise UserError(
+      f'stopped by {stop.signal} at step {step}; checkpoint {step} saved in '
+      f'{self.run.workdir}, run the same command to resume.'
+    )
 
   def train(self, stop: _StopRequest) -> float:
     """Steps to the end (profiling the configured steps); the loop's seconds."""
@@ -395,14 +482,24 @@ class Loop:
     jax.block_until_ready(self.state)
     return time.perf_counter() - start
 
-  def finish(self, train_seconds: float, num_params: int) -> dict:
-    """Final evaluation and checkpoint; the results (written to results.json)."""
+  def finish(self, train_seconds: float, num_params: int, stop: _StopRequest) -> dict:
+    """Final checkpoint and evaluation; the results (written to results.json).
+
+    The checkpoint is saved first (it is written while the evaluation runs):
+    a signal during the evaluation stops the run with its checkpoint kept,
+    and the same command then evaluates again.
+    """
     run, step = self.run, self.step
-    test = evaluate(self.eval_fn, self.state.params, run.dataset, run.mesh)
-    fewshot_metrics = self.fewshot(step) if self.fewshot_fn else {}
     if self.last_saved != step:
       self.save(step)
-    self.manager.wait_until_finished()
+    test = evaluate(self.eval_fn, self.state.params, run.dataset, run.mesh)
+    fewshot_metrics = self.fewshot(step) if self.fewshot_fn else {}
+    self.wait_saved()
+    if self.pending_config is not None:  # Resumed at the last step: no new checkpoint.
+      workdirs.write_config(run.workdir, self.pending_config)
+      self.pending_config = None
+    if stop.signal is not None:  # Received during the evaluation.
+      self.stop(stop, step)
     results = {
       'step': step,
       'num_params': num_params,
@@ -421,27 +518,88 @@ class Loop:
     return results
 
 
+def _close_quietly(manager) -> None:
+  """Closes a checkpoint manager (its threads) after an error, keeping that error."""
+  try:
+    manager.close()
+  except Exception:  # pylint: disable=broad-except
+    log.debug('closing the checkpoint manager after an error failed', exc_info=True)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its checkpoint) and evaluates.
 
-  Returns the final metrics: 'step', 'test/accuracy', 'test/loss', ...
+  The workdir is locked for the whole run (`workdirs.lock`): a second run on
+  it is refused. Returns the final metrics: 'step', 'test/accuracy',
+  'test/loss', ...
   """
   validation.validate_devices(config, jax.device_count(), jax.process_count())
   workdir = os.path.abspath(workdir)
+  with workdirs.lock(workdir), checkpointing.quiet_disk_full():
+    try:
+      return _train_and_evaluate(config, workdir)
+    except OSError as e:
+      if not workdirs.is_disk_full(e):
+        raise
+      workdirs.remove_partial_files(workdir)
+      raise workdirs.disk_full_error(f'writing to {workdir}') from None
+
+
+def _train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """`train_and_evaluate` in the locked `workdir`."""
   config_json = config_to_json(config)
   finished = workdirs.check_workdir(workdir, config_json)
   if finished is not None:  # A finished run, rerun as it was: its results, nothing written.
     return finished
   run = setup(config, workdir)
+  new_checkpoints = not os.path.isdir(os.path.join(workdir, workdirs.CHECKPOINT_DIR))
   manager = checkpointing.create_manager(workdir, config.train.keep_checkpoints)
-  workdirs.check_config(workdir, config_json, bool(manager.all_steps()))
-  state, last = initial_state(run, manager)
-  start_step = int(jax.device_get(state.step))
-  if start_step >= run.total_steps and os.path.exists(os.path.join(workdir, 'results.json')):
-    log.info('%s already holds a run finished at step %d; nothing to do.', workdir, start_step)
-    manager.close()
-    return workdirs.read_json(workdir, 'results.json')
-  workdirs.write_config(workdir, config_json)
+  try:
+    return _run(run, manager, config_json, new_checkpoints)
+  except BaseException:
+    _close_quietly(manager)
+    raise
+
+
+@contextlib.contextmanager
+def _removed_if_empty(directory: str, new: bool):
+  """Removes `directory` (`new`: this run created it) if the block fails and leaves it empty."""
+  try:
+    yield
+  except BaseException:
+    if new and jax.process_index() == 0:
+      with contextlib.suppress(OSError):
+        os.rmdir(directory)  # Only if empty.
+    raise
+
+
+def _run(run: Run, manager, config_json: dict, new_checkpoints: bool) -> dict[str, Any]:
+  config, workdir = run.config, run.workdir
+  # A run refused before training (e.g. init_from cannot be mapped) leaves no checkpoints/.
+  with _removed_if_empty(os.path.join(workdir, workdirs.CHECKPOINT_DIR), new_checkpoints):
+    workdirs.check_config(workdir, config_json, bool(manager.all_steps()))
+    memory.check(run)  # Before the state is placed on the devices.
+    checkpoint_bytes = checkpointing.estimate_bytes(run.abstract_state)
+    where = f'starting a run in {workdir}'
+    workdirs.check_free_space(workdir, checkpoint_bytes, where, resume=False)
+    state, last = initial_state(run, manager)  # init_from and the teacher's weights map here.
+    start_step = int(jax.device_get(state.step))
+    if start_step >= run.total_steps:
+      results = workdirs.finished_results(workdir)
+      if results is not None and results['step'] == start_step:
+        log.info('%s already holds a run finished at step %d; nothing to do.', workdir, start_step)
+        manager.close()
+        return results
+  # config.json describes the run that the checkpoints belong to: a run that
+  # changes it (e.g. continues a finished run for longer) rewrites it only
+  # once its own first checkpoint is on disk, so that a crash before that
+  # leaves the workdir as it was.
+  pending_config = None
+  if last is not None and os.path.exists(os.path.join(workdir, workdirs.CONFIG_FILE)):
+    if workdirs.read_config(workdir) != config_json:
+      pending_config = config_json
+  if pending_config is None:
+    workdirs.write_config(workdir, config_json)
   workdirs.write_dataset_info(workdir, run.dataset)
   num_params = factory.count_params(state.params)
   log.info(
@@ -454,12 +612,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   is_writer = jax.process_index() == 0
   with _StopRequest() as stop:  # From here on, SIGTERM / Ctrl-C stop at a step with a checkpoint.
     writer = metrics_lib.MetricWriter(workdir, enabled=is_writer, resume_step=start_step)
-    loop = Loop(run, manager, state, last, writer)
+    loop = Loop(run, manager, state, last, writer, pending_config)
     if start_step == 0 and (config.init_from or config.distill.init_from_teacher):
       loop.evaluate(0)  # What the transfer starts from.
     train_seconds = loop.train(stop)
-  results = loop.finish(train_seconds, num_params)
+    results = loop.finish(train_seconds, num_params, stop)
   writer.close()
   if is_writer:
     results_lib.write(workdir, results)
+  manager.close()
   return results

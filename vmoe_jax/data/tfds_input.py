@@ -91,6 +91,8 @@ def _image_shape(config, builder) -> tuple[int, int, int]:
   native = tuple(builder.info.features['image'].shape)
   size = config.input.image_size
   if size is None and None in native:
+    if not is_prepared(config.input.dataset, config.input.data_dir):  # Say that first.
+      raise UserError(missing_dataset_message(config.input.dataset, config.input.data_dir))
     raise UserError(
       f"TFDS dataset '{config.input.dataset}' has images of varying size {native}; set "
       '--config.input.image_size (e.g. 224) to resize them.'

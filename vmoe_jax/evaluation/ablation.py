@@ -135,7 +135,7 @@ def run(
   With `split` (default: the run's test split) the files are
   ablation_<split>.json/md, so the test-split table is never overwritten.
   """
-  trained = inference.load(workdir, step=step)
+  trained = inference.load(workdir, step=step, key='--workdir')
   if split:
     trained.config.input.test_split = split  # Bad slices fail in create_dataset, one line.
   kinds = mlp_kinds(trained.params)

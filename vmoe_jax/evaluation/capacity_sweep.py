@@ -160,16 +160,27 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
   return log_norm - logits[np.arange(len(labels)), labels]
 
 
-def images_per_second(forward, params, device_images: list, min_seconds: float) -> float:
-  """Rows per second of `forward` over (images, mask) pairs, repeated for >= min_seconds."""
+TIMING_ROUNDS = 5
+
+
+def images_per_second(
+  forward, params, device_images: list, min_seconds: float, min_rounds: int = TIMING_ROUNDS
+) -> float:
+  """Median rows per second of `forward` over rounds of all (images, mask) pairs.
+
+  Rounds are repeated for at least `min_seconds` and `min_rounds`; the median
+  of their rates, not the mean, so that a stall of a shared machine in one
+  round does not move the figure (it does move a single timed round by up to
+  8x between neighbouring settings).
+  """
   jax.block_until_ready(forward(params, *device_images[0]))  # Warm-up (compiles if needed).
-  rows, start = 0, time.perf_counter()
-  while True:
+  rows = sum(batch[0].shape[0] for batch in device_images)
+  rates, start = [], time.perf_counter()
+  while len(rates) < min_rounds or time.perf_counter() - start < min_seconds:
+    begin = time.perf_counter()
     jax.block_until_ready([forward(params, *batch) for batch in device_images])
-    rows += sum(batch[0].shape[0] for batch in device_images)
-    elapsed = time.perf_counter() - start
-    if elapsed >= min_seconds:
-      return rows / elapsed
+    rates.append(rows / max(time.perf_counter() - begin, 1e-9))
+  return float(np.median(rates))
 
 
 class _Totals:
@@ -305,7 +316,7 @@ def run(
   (default `workdir/eval`); returns what eval.json holds.
   """
   check_arguments(capacity_factors, example_capacity_factor)
-  trained = inference.load(workdir, step=step)
+  trained = inference.load(workdir, step=step, key='--workdir')
   config, mesh, spec = trained.config, trained.mesh, trained.model.moe
   output_dir = os.path.abspath(output_dir or os.path.join(workdir, 'eval'))
   os.makedirs(output_dir, exist_ok=True)

@@ -96,6 +96,7 @@ def _accuracy_vs_compute(output_dir: str, report: dict) -> str:
     report['full_expert_flops_per_image'],
     title=f'{report["dataset"]} step {report["step"]}: accuracy against expert compute '
     f'({report["images_per_group"]} images per routing group)',
+    num_test=report.get('num_test'),
   )
   return 'accuracy_vs_compute.png'
 

@@ -94,9 +94,16 @@ def markdown(rows: list[dict]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+IMAGES_PER_SEC = (
+  'images/s: the median over timed rounds of the first test batches, each setting in turn; '
+  'a time, not a count: it depends on the machine and on what else runs on it.'
+)
+
+
 def header(report: dict) -> str:
   """The lines above the table in eval.md: what was evaluated, the router's note."""
   lines = [f'# {report["family"]}, step {report["step"]}, {report["dataset"]} test set', '']
+  lines += [IMAGES_PER_SEC, '']
   if report['router'] is not None:
     group = report['images_per_group']
     lines += [f'Router {report["router"]!r}, routing groups of {group} test images.', '']

@@ -46,10 +46,32 @@ def flops_unit(values: Sequence[float]) -> tuple[str, float]:
   return 'FLOPs', 1.0
 
 
+# The least span of the accuracy axis, in points: a sweep that moves by a
+# test image or two is drawn as nearly flat, not as a cliff.
+MIN_ACCURACY_SPAN = 2.0
+
+
+def accuracy_limits(values: Sequence[float], min_span: float = MIN_ACCURACY_SPAN):
+  """(low, high) of the accuracy axis (%): the values with a margin, at least `min_span` wide."""
+  low, high = min(values), max(values)
+  margin = max(0.15 * (high - low), 0.5 * max(0.0, min_span - (high - low)))
+  return max(0.0, low - margin), min(100.0, high + margin)
+
+
 def plot_accuracy_vs_compute(
-  rows: Sequence[Mapping], path: str, full_expert_flops: float | None = None, title: str = ''
+  rows: Sequence[Mapping],
+  path: str,
+  full_expert_flops: float | None = None,
+  title: str = '',
+  num_test: int | None = None,
 ) -> str:
   """Test accuracy against expert FLOPs per image, one line for vanilla and one for BPR.
+
+  The accuracy axis spans at least `MIN_ACCURACY_SPAN` points (so that a test
+  image or two do not fill it; `num_test` adds what one test image is worth
+  to its label), the capacity factors are the ticks of a top axis (not labels
+  beside the points, which collided) and the legend sits under the axes, off
+  the points.
 
   Args:
     rows: settings of the capacity sweep, each with 'capacity_factor',
@@ -58,10 +80,16 @@ def plot_accuracy_vs_compute(
     full_expert_flops: expert FLOPs per image when no token is dropped (a
       dashed vertical line).
     title: figure title.
+    num_test: test images behind each accuracy, if known.
   """
   unit, scale = flops_unit([r['expert_flops_per_image'] for r in rows])
-  figure = Figure(figsize=(6.4, 4.4), layout='constrained')
+  figure = Figure(figsize=(6.4, 4.8), layout='constrained')
   ax = figure.add_subplot()
+  low, high = accuracy_limits([100 * r['accuracy'] for r in rows])
+  ax.set_ylim(low, high)
+  x_all = [r['expert_flops_per_image'] / scale for r in rows]
+  span = (max(x_all) - min(x_all)) or 1.0
+  ticks = {}  # Capacity factor -> x, for the top axis (vanilla's compute; BPR's is close).
   for bpr, label, marker in ((False, 'vanilla routing', 'o'), (True, 'BPR', 's')):
     line = sorted(
       (r for r in rows if r['batch_priority'] == bpr), key=lambda r: r['capacity_factor']
@@ -70,24 +98,29 @@ def plot_accuracy_vs_compute(
       continue
     x = [r['expert_flops_per_image'] / scale for r in line]
     y = [100 * r['accuracy'] for r in line]
-    ax.plot(x, y, marker=marker, label=label)
-    span = max(x) - min(x) or 1.0
-    last_x = None
-    for r, xi, yi in zip(line, x, y):
-      if last_x is not None and xi - last_x < 0.06 * span:
-        continue  # Too close to the previous label (capacity no longer binds).
-      last_x = xi
-      offset = (4, -10) if bpr else (4, 4)
-      ax.annotate(
-        f'C={r["capacity_factor"]:g}', (xi, yi), textcoords='offset points', xytext=offset, size=7
-      )
+    ax.plot(x, y, marker=marker, label=label, alpha=0.85)
+    for r, xi in zip(line, x):
+      ticks.setdefault(r['capacity_factor'], xi)
+  # C on a top axis rather than beside the points, where labels collided with the other line.
+  shown, last = [], None
+  for factor, xi in sorted(ticks.items(), key=lambda item: item[1]):
+    if last is None or xi - last >= 0.07 * span:  # Close ticks: capacity no longer binds.
+      shown.append((factor, xi))
+      last = xi
+  top = ax.secondary_xaxis('top')
+  top.set_xticks([xi for _, xi in shown], labels=[f'{factor:g}' for factor, _ in shown])
+  top.set_xlabel('eval capacity factor C', size=8)
+  top.tick_params(labelsize=8)
   if full_expert_flops:
     ax.axvline(full_expert_flops / scale, color='gray', ls='--', lw=1, label='no token dropped')
   ax.set_xlabel(f'expert {unit} per image (kept assignments)')
-  ax.set_ylabel('test accuracy (%)')
-  ax.set_title(title or 'Accuracy against expert compute (eval capacity factor C)')
+  ylabel = 'test accuracy (%)'
+  if num_test:
+    ylabel += f'; 1 test image = {100 / num_test:.2g} points'
+  ax.set_ylabel(ylabel)
+  ax.set_title(title or 'Accuracy against expert compute (eval capacity factor C)', size=10)
   ax.grid(alpha=0.3)
-  ax.legend(loc='lower right')
+  figure.legend(loc='outside lower center', ncol=3, fontsize=8)
   return _save(figure, path)
 
 
@@ -144,8 +177,10 @@ def plot_expert_load(
     ax.set_xlabel('expert', size=8)
     ax.set_ylabel('assignments per token' if experts_choose else 'share of assignments', size=8)
     ax.tick_params(labelsize=7)
-    if i == 0:
-      ax.legend(fontsize=7, loc='upper left')
+    ax.set_ylim(0, 1.12 * max(float(np.max(chosen)), float(np.max(kept)), 1.0 / num_experts))
+  # One legend for all layers, under them: inside an axes it hid the bars (the dropped share).
+  handles, labels = figure.axes[0].get_legend_handles_labels()
+  figure.legend(handles, labels, loc='outside lower center', ncol=len(labels), fontsize=7)
   figure.suptitle(title or 'Expert load per MoE layer', size=10)
   return _save(figure, path)
 

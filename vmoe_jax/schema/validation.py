@@ -5,7 +5,8 @@
 or a set of choices); a test checks that it covers every key of the schema,
 so a new key needs a rule.
 Cross-field checks follow: the model size, the patch size against the image
-size, K against E, batch sizes against devices, processes, gradient
+size, K against E, Soft MoE slots and dropless blocks against the tokens
+there are, batch sizes against devices, processes, gradient
 accumulation and routing groups, the schedule against the number of steps,
 and the transfer / distillation keys.
 
@@ -169,6 +170,75 @@ def _check_moe(values) -> None:
     )
 
 
+def tokens_per_image(values, size) -> int | None:
+  """T, the tokens of an image (patches, plus the class token), when the image size is known."""
+  side = image_side(values)
+  if side is None:
+    return None
+  patch = size['patch_size']
+  conv = values['model.stem'] == 'conv'
+  rows = -(-side // patch) if conv else side // patch  # SAME convolutions round up.
+  return rows * rows + (1 if values['model.classifier'] == 'token' else 0)
+
+
+def _images_per_device(values, num_devices: int | None) -> int | None:
+  """The most images a device holds in one step (training micro-batch or evaluation)."""
+  if num_devices is None:
+    return None
+  micro = values['input.batch_size'] // values['train.grad_accum_steps']
+  return max(micro, values['input.eval_batch_size']) // num_devices
+
+
+def _check_moe_sizes(values, size, num_devices: int | None) -> None:
+  """Soft MoE slots and dropless blocks that cannot be right: more than there are tokens.
+
+  Such sizes only make buffers of padding, often larger than any memory
+  (146 GB for 100,000 slots per expert on digits); see `vmoe_jax.models.memory` for
+  the estimate of what fits.
+  """
+  experts, router = values['model.moe.num_experts'], values['model.moe.router']
+  tokens = tokens_per_image(values, size)
+  if experts == 0 or tokens is None or router not in ('soft', 'dropless'):
+    return
+  group, per_device = values['model.moe.group_size'], _images_per_device(values, num_devices)
+  if group is None:
+    group = spec_lib.default_group_size(router)
+  if router == 'soft':
+    images = group or per_device
+    if images is None:
+      return
+    where = f'model.moe.group_size={group} images' if group else f'{images} images per device'
+    group_tokens = images * tokens
+    slots, factor = values['model.moe.slots_per_expert'], values['model.moe.capacity_factor']
+    even = max(1, round(group_tokens / experts))
+    if slots is not None and slots > group_tokens:
+      raise UserError(
+        f'model.moe.slots_per_expert={slots} exceeds the {group_tokens} tokens of a routing group '
+        f"({where} of {tokens} tokens); a slot is a mix of the group's tokens, so use at most "
+        f'{group_tokens} (e.g. --config.model.moe.slots_per_expert={even}, one slot per token '
+        f'over the {experts} experts).'
+      )
+    if slots is None and round(factor * group_tokens / experts) > group_tokens:
+      raise UserError(
+        f'model.moe.capacity_factor={factor} gives Soft MoE '
+        f'{round(factor * group_tokens / experts)} slots per expert, more than the '
+        f'{group_tokens} tokens of a routing group ({where} of {tokens} tokens); use a capacity '
+        f'factor of at most {experts} (1.0: one slot per token over the experts).'
+      )
+    return
+  if per_device is None:
+    return
+  block, selected = values['model.moe.block_size'], values['model.moe.num_selected']
+  rows = per_device * tokens * selected * num_devices  # What a device may receive from all.
+  source = f', from each of {num_devices} devices' if num_devices > 1 else ''
+  if block > rows:
+    raise UserError(
+      f'model.moe.block_size={block} exceeds the {rows} (token, expert) rows that a device can '
+      f'receive in a step ({per_device} images of {tokens} tokens, K={selected}{source}), so '
+      f'its blocks would be padding; use at most {rows}, e.g. --config.model.moe.block_size=128.'
+    )
+
+
 def _check_processes(values, process_count: int) -> None:
   for key in ('input.batch_size', 'input.eval_batch_size'):
     check_process_split(key, values[key], process_count)
@@ -323,6 +393,7 @@ def validate(config, num_devices: int | None = None, process_count: int = 1) -> 
   _check_model(values, size)
   _check_input(values, size)
   _check_moe(values)
+  _check_moe_sizes(values, size, num_devices)
   _check_batches(values, num_devices, process_count)
   _check_schedule(values, default_values)
   _check_transfer(values)
@@ -338,3 +409,4 @@ def validate_devices(config, num_devices: int, process_count: int) -> None:
   values, _ = _flat_values(config)
   _check_processes(values, process_count)
   _check_devices(values, num_devices)
+  _check_moe_sizes(values, _model_size(values), num_devices)

@@ -196,3 +196,11 @@ def verify(where: str, tree: Any, meta: dict, fix: str) -> None:
       f'{first_and_more(bad)}',
       fix,
     )
+
+
+def itemsize(dtype) -> int:
+  """Bytes per element of `dtype` (8 for typed PRNG keys, which numpy does not know)."""
+  try:
+    return np.dtype(dtype).itemsize
+  except TypeError:
+    return 8

@@ -193,7 +193,15 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 class Progress:
-  """Steps/s, images/s and ETA since the last report (first report: since start)."""
+  """Steps/s, images/s and ETA over the steps since the last report, compilation excluded.
+
+  `compiled(step)` marks the end of the run's first step, which includes the
+  compilation of the train step (seconds to minutes): the first report then
+  counts from there, so that its rate and ETA are those of the steps to come.
+  A report with no step since the mark (logging every step) counts from the
+  start. The rates are of one interval; on a shared machine they vary from
+  report to report, `median_step_seconds` is the steadier figure.
+  """
 
   def __init__(self, total_steps: int, start_step: int, batch_size: int):
     self.total_steps = total_steps
@@ -202,19 +210,29 @@ class Progress:
     self._last_time = time.perf_counter()
     self.start_time = self._last_time
     self.start_step = start_step
-    self._intervals: list[float] = []  # Seconds per step of each report interval.
+    self.compile_seconds: float | None = None
+    self._intervals: list[float] = []  # Seconds per step of each interval after compilation.
+
+  def compiled(self, step: int) -> float:
+    """Marks `step` (the run's first) as done; returns its seconds (mostly compilation)."""
+    now = time.perf_counter()
+    self.compile_seconds = now - self.start_time
+    self._last_step, self._last_time = step, now
+    return self.compile_seconds
 
   def median_step_seconds(self) -> float | None:
-    """Median seconds per step over report intervals, the first (compilation) excluded."""
-    intervals = self._intervals[1:] or self._intervals
-    return float(np.median(intervals)) if intervals else None
+    """Median seconds per step over the report intervals after compilation."""
+    return float(np.median(self._intervals)) if self._intervals else None
 
   def report(self, step: int) -> dict[str, float]:
     now = time.perf_counter()
     steps = step - self._last_step
-    elapsed = max(now - self._last_time, 1e-9)
     if steps > 0:
-      self._intervals.append(elapsed / steps)
+      elapsed = max(now - self._last_time, 1e-9)
+      if self.compile_seconds is not None:
+        self._intervals.append(elapsed / steps)
+    else:  # Nothing since the mark: the rate since the start, compilation included.
+      steps, elapsed = step - self.start_step, max(now - self.start_time, 1e-9)
     self._last_step, self._last_time = step, now
     steps_per_sec = steps / elapsed
     eta = (self.total_steps - step) / steps_per_sec if steps_per_sec > 0 else float('inf')

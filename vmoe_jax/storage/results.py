@@ -88,8 +88,8 @@ def write_csv(rows: list[dict], path: str) -> None:
 
 
 def write(workdir: str, results: dict) -> None:
-  """results.json and results.md (the one-row table) in `workdir`."""
-  with open(os.path.join(workdir, 'results.json'), 'w') as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(markdown_table([summarize(workdir)]))
+  """results.json and results.md (the one-row table) in `workdir`, each written atomically."""
+  from vmoe_jax.storage import workdirs  # pylint: disable=g-import-not-at-top  (imports jax)
+
+  workdirs.write_json(os.path.join(workdir, 'results.json'), results, sort_keys=False)
+  workdirs.write_text(os.path.join(workdir, 'results.md'), markdown_table([summarize(workdir)]))

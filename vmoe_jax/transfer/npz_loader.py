@@ -53,10 +53,25 @@ _MAP_HEAD_RULES = (
 )
 
 
+_ZIP_MAGIC = (b'PK\x03\x04', b'PK\x05\x06')  # A .npz is a zip archive (or an empty one).
+_NPY_MAGIC = b'\x93NUMPY'
+
+
 def load_npz(path: str) -> dict[str, np.ndarray]:
   """The arrays of a `.npz` file, {key: array} with its '/'-joined keys."""
   if not os.path.isfile(path):
     raise UserError(f'init_from: {path} is not a file; give the path of a .npz checkpoint.')
+  try:
+    with open(path, 'rb') as f:
+      magic = f.read(len(_NPY_MAGIC))
+  except OSError as e:
+    raise UserError(f'init_from: {path} cannot be read ({e.strerror or e}).') from None
+  if not (magic.startswith(_ZIP_MAGIC) or magic == _NPY_MAGIC):
+    # np.load would take it for a pickle and talk about allow_pickle.
+    raise UserError(
+      f'init_from: {path} is not a readable .npz file (its first bytes are not those of a zip '
+      'archive); give a .npz checkpoint (big_vision / ViT release layout).'
+    )
   try:
     arrays = np.load(path, allow_pickle=False)
     if hasattr(arrays, 'files'):  # A .npy gives one array instead.

@@ -60,7 +60,7 @@ def load_source(path: str, step: int = -1) -> Source:
       'checkpoints/STEP directories or a .npz file.'
     )
   workdir, step = _split_checkpoint_dir(path, step)
-  trained = inference.load(workdir, step=None if step < 0 else step)
+  trained = inference.load(workdir, step=None if step < 0 else step, key='init_from')
   params = to_host(trained.params)
   patch = trained.model.patch_size
   grid = (trained.image_shape[0] // patch, trained.image_shape[1] // patch)
