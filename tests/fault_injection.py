@@ -41,14 +41,14 @@ def _enospc_at_checkpoint(step: int) -> None:
 def _kill_at_step(step: int) -> None:
   from vmoe_jax import train
 
-  original = train.Loop.after_step
+  original = train.Loop.run_step
 
-  def after_step(self, stop):
-    original(self, stop)
+  def run_step(self, batch, stop):
+    original(self, batch, stop)
     if self.step == step:
       os.kill(os.getpid(), signal.SIGKILL)
 
-  train.Loop.after_step = after_step
+  train.Loop.run_step = run_step
 
 
 def _slow_save(seconds: float) -> None:

@@ -99,7 +99,7 @@ def test_load_of_what_is_not_a_run_names_it_without_chained_errors(digits_run, t
 
 def _fake_fashion(directory):
   """Fashion-MNIST's four IDX files with 40 + 20 random 28x28 images."""
-  from vmoe_jax import idx_files
+  from vmoe_jax.data import idx_files
 
   rng = np.random.default_rng(0)
   for split, count in (('train', 40), ('test', 20)):

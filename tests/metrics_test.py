@@ -220,7 +220,7 @@ def test_progress_rates_and_eta_leave_out_the_compiling_first_step(monkeypatch):
 
 
 def test_the_accuracy_axis_spans_at_least_two_points():
-  from vmoe_jax import routing_maps
+  from vmoe_jax.evaluation import routing_maps
 
   low, high = routing_maps.accuracy_limits([96.94, 97.49])  # Two test images apart.
   assert high - low == pytest.approx(2.0) and low < 96.94 and high > 97.49

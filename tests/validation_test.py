@@ -602,7 +602,7 @@ COMMAND_LINE = [
   (
     ['--config=configs/digits_switch.py', '--config.model.moe=3'],
     "error: 'model.moe' is a group of config keys, not a key; set one of its keys instead, e.g. "
-    '--config.model.moe.batch_priority=... (all keys: vmoe_jax/config_defaults.py).',
+    '--config.model.moe.batch_priority=... (all keys: vmoe_jax/schema/defaults.py).',
   ),
   (
     ['--config=configs/cifar10_switch.py:lcoal'],

@@ -245,6 +245,17 @@ def test_the_writability_check_writes_bytes(tmp_path, monkeypatch):
   )
 
 
+def estimated_checkpoint_bytes(workdir) -> int:
+  """The run's own estimate of one checkpoint (`checkpointing.estimate_bytes`)."""
+  from vmoe_jax import inference
+  from vmoe_jax import train
+  from vmoe_jax.storage import checkpointing
+
+  return checkpointing.estimate_bytes(
+    train.setup(inference.run_config(str(workdir)), '').abstract_state
+  )
+
+
 def _tmpfs(path, size):
   os.makedirs(path, exist_ok=True)
   try:
@@ -266,12 +277,18 @@ def test_a_nearly_full_disk_is_refused_before_saving_and_the_run_resumes(tmp_pat
     workdir = disk / 'run'
     extra = ('--config.train.checkpoint_every=10',)
     run(workdir, 10, *extra)
-    size = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(workdir) for n in ns)
-    # Room for one more checkpoint, not for two.
+    checkpoint = sum(
+      os.path.getsize(os.path.join(r, n))
+      for r, _, ns in os.walk(workdir / 'checkpoints' / '10')
+      for n in ns
+    )
+    # Room for one more checkpoint, not for two: the run checks the free space
+    # against its estimate of a checkpoint before every save, so leave that
+    # estimate plus half a checkpoint (the logs written meanwhile are smaller).
     filler = disk / 'filler'
     free = workdirs.free_bytes(str(disk))
     with open(filler, 'wb') as f:
-      f.write(b'\0' * max(0, free - int(1.6 * size)))
+      f.write(b'\0' * max(0, free - (estimated_checkpoint_bytes(workdir) + checkpoint // 2)))
     result = run(workdir, 30, *extra, check=False)
     assert result.returncode == 2, result.stderr[-3000:]
     assert 'Traceback' not in result.stderr

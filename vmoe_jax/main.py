@@ -82,7 +82,7 @@ def _config_error(argv: list[str], error: Exception) -> str:
       if inside:  # A section (model.moe), not a key: say so rather than suggest a neighbour.
         return (
           f"'{path}' is a group of config keys, not a key; set one of its keys instead, e.g. "
-          f'--config.{inside[0]}=... (all keys: vmoe_jax/defaults.py).'
+          f'--config.{inside[0]}=... (all keys: vmoe_jax/schema/defaults.py).'
         )
       if path not in known:
         return defaults.unknown_key_message(path, known)
