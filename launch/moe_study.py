@@ -148,6 +148,36 @@ def moe_variants(width: int) -> dict[str, tuple[str, dict]]:
         'model.moe.layers': 'all',
       },
     ),
+    # Top-4 of 32 experts a quarter as wide: more combinations per token.
+    'top4q-e32-all': (
+      'fashion_switch.py',
+      {
+        'model.moe.num_experts': 32,
+        'model.moe.layers': 'all',
+        'model.moe.num_selected': 4,
+        'model.moe.mlp_dim': hidden // 4,
+      },
+    ),
+    # Top-1 with the combine scaled by E: a uniform router gives the dense
+    # MLP's weight 1 instead of 1/E.
+    'top1-e32-all-cs': (
+      'fashion_switch.py',
+      {'model.moe.num_experts': 32, 'model.moe.layers': 'all', 'model.moe.combine_scale': 32.0},
+    ),
+    # Diagnostics, not at the dense FLOPs: how much a dense model gains from
+    # 4x the MLP (what MLP parameters can buy at this width), and 4 heads.
+    'dense-mlp4x': ('fashion_vit.py', {'model.mlp_dim': 4 * hidden}),
+    'dense-4heads': ('fashion_vit.py', {'model.num_heads': 4}),
+    'top2h-e32-all-4heads': (
+      'fashion_switch.py',
+      {
+        'model.num_heads': 4,
+        'model.moe.num_experts': 32,
+        'model.moe.layers': 'all',
+        'model.moe.num_selected': 2,
+        'model.moe.mlp_dim': hidden // 2,
+      },
+    ),
     # The other routers at the same placement and expert count.
     'ec-e32-all': (
       'fashion_switch.py',
@@ -190,7 +220,27 @@ def queue_screen() -> list[Run]:
   return runs
 
 
-QUEUES = {'screen': queue_screen}
+def queue_screen2() -> list[Run]:
+  """:val, seed 0: width 16, 4 heads, top-4, a scaled top-1, longer training, MLP capacity."""
+  runs = [
+    make_run(32, v, 'r6', 0, 'val')
+    for v in (
+      'dense-mlp4x',
+      'dense-4heads',
+      'top2h-e32-all-4heads',
+      'top4q-e32-all',
+      'top1-e32-all-cs',
+    )
+  ]
+  runs += [
+    make_run(16, v, 'r6', 0, 'val')
+    for v in ('dense', 'dense-mlp4x', 'top1-e32-all', 'top2h-e32-all', 'soft-e32-all')
+  ]
+  runs += [make_run(32, v, 'r24', 0, 'val') for v in ('dense', 'top2h-e32-all')]
+  return runs
+
+
+QUEUES = {'screen': queue_screen, 'screen2': queue_screen2}
 
 
 # --------------------------------------------------------------------------- running
