@@ -51,6 +51,7 @@ class Run:
   seed: int = 0
   kind: str = 'scratch'
   source: Run | None = None  # The run whose workdir init_from / distill.teacher names.
+  sweep: bool = False  # Also evaluate at capacities CAPACITY_SWEEP, vanilla and BPR.
 
   @property
   def id(self) -> str:
@@ -344,7 +345,11 @@ def run_queue(runs: list[Run], root: str, results: str, jobs: int) -> int:
           return
         run = pending.pop(0)
         index = len(todo) - len(pending)
-      ok = train_one(run, root, results, core, f'[{index}/{len(todo)}]')
+      try:
+        ok = train_one(run, root, results, core, f'[{index}/{len(todo)}]')
+      except Exception as e:  # pylint: disable=broad-except  (one run's failure ends no queue)
+        print(f'[{index}/{len(todo)}] FAILED: {type(e).__name__}: {e}', flush=True)
+        ok = False
       with lock:
         done[0] += 1
         if not ok:
