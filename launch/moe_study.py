@@ -241,7 +241,90 @@ def queue_screen2() -> list[Run]:
   return runs
 
 
-QUEUES = {'screen': queue_screen, 'screen2': queue_screen2}
+# Chosen on `:val` by the two screens (docs/experiments/moe_study.md): the
+# recipe, and the MoE the size curve and the remedies use.
+BEST_RECIPE = 'r6'
+BEST_VARIANT = 'top2h-e32-all'
+ROUTER_WIDTH = 32  # The router table's width.
+SEEDS = (0, 1, 2)
+ROUTER_VARIANTS = (
+  'dense',
+  'top1-e32-all',
+  'top2h-e32-all',
+  'ec-e32-all',
+  'soft-e32-all',
+  'image-e32-all',
+  'dropless-e32-all',
+)
+SWEPT = ('top1-e32-all', 'top2h-e32-all')  # Capacity sweeps (vanilla and BPR) recorded.
+
+
+def test_run(width: int, variant: str, seed: int, **extra) -> Run:
+  run = make_run(width, variant, BEST_RECIPE, seed, 'test')
+  run = with_overrides(run, **extra) if extra else run
+  return dataclasses.replace(run, sweep=variant in SWEPT)
+
+
+def queue_size() -> list[Run]:
+  """Test split, 3 seeds: dense against the MoE at widths 16-128 (wide models last)."""
+  return [
+    test_run(width, variant, seed)
+    for widths in ((16, 32, 64), (128,))
+    for seed in SEEDS
+    for width in widths
+    for variant in ('dense', BEST_VARIANT)
+  ]
+
+
+def queue_routers() -> list[Run]:
+  """Test split, 3 seeds: every router at ROUTER_WIDTH, the same placement and E."""
+  return [test_run(ROUTER_WIDTH, v, seed) for seed in SEEDS for v in ROUTER_VARIANTS]
+
+
+UPCYCLE_ARCH = {  # configs/fashion_upcycle.py's MoE, trained from scratch for comparison.
+  'model.moe.num_experts': 8,
+  'model.moe.layers': '0,2',
+  'model.moe.router': 'dropless',
+  'model.moe.num_selected': 2,
+  'model.moe.renormalize': True,
+  'model.moe.block_size': 32,
+}
+
+
+def queue_remedies() -> list[Run]:
+  """The Switch-ViT CIFAR-10 study's two remedies, at ROUTER_WIDTH on the test split.
+
+  Image-level against token-level routing is `queue_routers` (image-e32-all
+  against top1-e32-all). Pre-training then fine-tuning, as sparse upcycling: a
+  dense model trained for half the recipe's steps, then (a) upcycled and
+  trained for the other half, (b) continued dense for the other half; against
+  (c) the upcycled architecture from scratch for all the steps and the dense
+  model for all of them (`queue_size`). Distillation: the best MoE (teacher)
+  into the dense ViT (student), on the recipe.
+  """
+  width, half = ROUTER_WIDTH, FULL_STEPS // 2
+  arg = f'w{width}'
+  runs = []
+  for seed in SEEDS:
+    source = test_run(width, 'dense', seed, train__num_steps=half)
+    second_half = (('train.eval_every', 0), ('train.num_steps', half))
+    runs.append(Run(f'configs/fashion_upcycle.py:{arg}', second_half, seed, 'upcycled', source))
+    runs.append(
+      Run(f'configs/fashion_upcycle.py:dense,{arg}', second_half, seed, 'continued', source)
+    )
+    runs.append(Run(f'configs/fashion_switch.py:{arg}', tuple(sorted(UPCYCLE_ARCH.items())), seed))
+    teacher = test_run(width, BEST_VARIANT, seed)
+    runs.append(Run(f'configs/fashion_distill.py:{arg}', (), seed, 'distilled', teacher))
+  return runs
+
+
+QUEUES = {
+  'screen': queue_screen,
+  'screen2': queue_screen2,
+  'size': queue_size,
+  'routers': queue_routers,
+  'remedies': queue_remedies,
+}
 
 
 # --------------------------------------------------------------------------- running
