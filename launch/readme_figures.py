@@ -34,6 +34,8 @@ import subprocess
 import sys
 import time
 
+from vmoe_jax.evaluation import ledger
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPACITIES = '0.25,0.5,1.0,2.0'
 
@@ -49,18 +51,6 @@ def run(cmd: list[str], log_path: str) -> None:
       tail = log.read().strip().splitlines()[-1:]
     sys.exit(f'error: {" ".join(cmd[:4])} ... failed (exit status {code}): {tail}; see {log_path}.')
   print(f'  {time.perf_counter() - start:.0f}s', flush=True)
-
-
-def cpu_model() -> str:
-  """The CPU's model name (Linux), which the figures depend on."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'an unknown CPU'
 
 
 def eval_table(report: dict) -> str:
@@ -125,7 +115,7 @@ def main(argv=None) -> int:
   import jax  # pylint: disable=g-import-not-at-top  (after the runs: their output first)
 
   text = [
-    f'Measured {time.strftime("%Y-%m-%d")} on {platform.node()}: {cpu_model()}, '
+    f'Measured {time.strftime("%Y-%m-%d")} on {platform.node()}: {ledger.cpu_model()}, '
     f'{os.cpu_count()} CPUs, JAX {jax.__version__}, Python {platform.python_version()}, '
     f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}.',
     '',
