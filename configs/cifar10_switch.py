@@ -19,8 +19,8 @@ factor 1.0 (2.0 at evaluation), Switch load balancing loss 0.01, routing
 groups of 8 images; 240.9M parameters at 32 experts (see README, "Parameter
 counts").
 
-Expected: no result yet (CIFAR-10 cannot be downloaded on the machines this
-project was developed on).
+Expected: not measured yet (the offline benchmark is Fashion-MNIST; this
+config needs the CIFAR-10 download).
 """
 
 from vmoe_jax.schema import defaults

@@ -14,8 +14,8 @@ flips; Adafactor, 200 epochs of batch 256 (5 warmup, rsqrt decay, 20
 cooldown). configs/cifar10_switch.py and cifar10_vmoe.py are its MoE
 siblings.
 
-Expected: no result yet (CIFAR-10 cannot be downloaded on the machines this
-project was developed on).
+Expected: not measured yet (the offline benchmark is Fashion-MNIST; this
+config needs the CIFAR-10 download).
 """
 
 from vmoe_jax.schema import defaults

@@ -19,8 +19,8 @@ Riquelme et al. 2021: 32 experts, K=2, capacity factor 1.05, trained without
 and evaluated with BPR, router noise std 1/E, importance and load losses
 0.005 each, routing groups of 8 images.
 
-Expected: no result yet (CIFAR-10 cannot be downloaded on the machines this
-project was developed on).
+Expected: not measured yet (the offline benchmark is Fashion-MNIST; this
+config needs the CIFAR-10 download).
 """
 
 from vmoe_jax.schema import defaults
