@@ -664,6 +664,36 @@ erasing for 12 epochs.
 """
 
 
+SEARCH_NOTES = """Two screens, seed 0 each, on 2026-12-07 (commits 3c9b3ec and 28e274e;
+a 2-core Intel Xeon, two runs side by side, one core each). One seed on
+6,000 held-out images: a single accuracy has a binomial std of about 0.4
+points, so single differences below ~0.8 are not evidence on their own.
+What they show:
+
+- **Augmentation does not help these widths.** Flips, 2-pixel crops and
+  random erasing for 12 epochs (`aug12`) leave the width-32 dense model at
+  89.30% against 89.35% for the 6-epoch recipe (`r6`), and its training
+  accuracy drops from 92.6% to 90.0%: at width 32 the model is limited by
+  what it can fit, not by the data, and augmentation only makes the task
+  harder. MoE gains under `aug12` were +0.2 to +0.5; the recipe stays `r6`.
+- **MLP capacity is not what limits the dense model.** A dense model with
+  4× the MLP (twice the FLOPs) gains +0.02 at width 32 and loses 0.48 at
+  width 16. What the MoE can add at equal FLOPs is MLP capacity, so large
+  gains were not to be expected; what it adds anyway comes with the
+  routing (each token a different MLP), not the parameter count: top-1 of
+  32 experts (1.1M parameters at width 32) +0.20, top-2 of 32 half-width
+  experts (0.58M) +0.73, top-4 of 32 quarter-width (0.32M) +0.68.
+- **Top-2 with half-width experts in every block** (`top2h-e32-all`) was
+  the best MoE at both widths: +0.73 at width 32, +0.83 at width 16 (Soft
+  MoE +0.73 at 16 but −0.37 at 32; renormalising the top-2 weights −0.48,
+  scaling the top-1 combine by E +0.07, 4 heads instead of 1 at width 32
+  +0.11 against the 4-head dense model). It is the MoE of the size curve,
+  and width 16 (the largest :val gain) is the width of the router table and
+  the remedies.
+
+"""
+
+
 def write_tables(results: str, out: str) -> str:
   """docs/experiments/moe_study.md, the figure, and the README's results block."""
   records = ledger.load_records(results)
@@ -677,7 +707,9 @@ def write_tables(results: str, out: str) -> str:
   sweeps = sweep_table(records)
   if sweeps:
     text += '## Evaluation capacity sweeps (test split)\n\n' + sweeps + '\n'
-  text += '## Held-out slice (`:val`): the search\n\n' + results_table(records, 'val')
+  text += (
+    '## Held-out slice (`:val`): the search\n\n' + SEARCH_NOTES + results_table(records, 'val')
+  )
   figure = os.path.join(out, 'figures', os.path.basename(FIGURE))
   curves = size_curve(records, 'test', BEST_RECIPE, BEST_VARIANT)
   if curves['dense']:
