@@ -3,6 +3,7 @@ r"""Where sparse experts pay on Fashion-MNIST: queues of runs, a results ledger,
 
   python launch/moe_study.py run --queue=size --jobs=2     # train what the ledger lacks
   python launch/moe_study.py run --queue=size --print      # the commands, and which are done
+  python launch/moe_study.py run --queue=size --match='_s0_'  # seed 0 of every setting first
   python launch/moe_study.py tables                # every table and figure, from the ledger
 
 A queue is a list of runs (config file and argument, overrides, seed, kind).
@@ -25,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -765,12 +767,20 @@ def main(argv) -> int:
   parser.add_argument('--workdir', default='/tmp/moe_study', help='root of the run workdirs')
   parser.add_argument('--jobs', type=int, default=1, help='runs at a time (one core each)')
   parser.add_argument('--print', action='store_true', help='print the commands only')
+  parser.add_argument(
+    '--match', default='', help='only the runs whose id matches this regular expression'
+  )
   parser.add_argument('--out', default=os.path.join(REPO, 'docs'), help='tables and figures')
   args = parser.parse_args(argv)
   if args.action == 'tables':
     print(write_tables(args.results, args.out), end='')
     return 0
   runs = QUEUES[args.queue]()
+  try:
+    pattern = re.compile(args.match)
+  except re.error as e:
+    parser.error(f'--match={args.match!r} is not a regular expression ({e}).')
+  runs = [run for run in runs if pattern.search(run.id)]
   if args.print:
     for run in runs:
       done = 'done' if ledger.has_record(args.results, run.id) else 'todo'
