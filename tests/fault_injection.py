@@ -8,6 +8,9 @@ The arguments are those of `vmoe_jax.main`; `VMOE_TEST_FAULT` names the fault:
                           device') in orbax's background thread, after part of it
                           is on disk, as a full disk does;
   kill_at_step:N          the process kills itself (SIGKILL) once step N is logged;
+  pause_at_step:N:PATH    after step N it prints 'fault: paused at N' to stderr and
+                          waits until the file PATH exists (a test changes the
+                          world meanwhile: fills the disk);
   slow_save:SECONDS       every checkpoint save prints 'fault: saving N' to stderr,
                           then sleeps SECONDS before writing (a test signals then).
 
@@ -51,6 +54,22 @@ def _kill_at_step(step: int) -> None:
   train.Loop.run_step = run_step
 
 
+def _pause_at_step(value: str) -> None:
+  from vmoe_jax import train
+
+  step, _, path = value.partition(':')
+  original = train.Loop.run_step
+
+  def run_step(self, batch, stop):
+    original(self, batch, stop)
+    if self.step == int(step):
+      print(f'fault: paused at {step}', file=sys.stderr, flush=True)
+      while not os.path.exists(path):
+        time.sleep(0.05)
+
+  train.Loop.run_step = run_step
+
+
 def _slow_save(seconds: float) -> None:
   from vmoe_jax.storage import checkpointing
 
@@ -67,6 +86,7 @@ def _slow_save(seconds: float) -> None:
 FAULTS = {
   'enospc_at_checkpoint': lambda v: _enospc_at_checkpoint(int(v)),
   'kill_at_step': lambda v: _kill_at_step(int(v)),
+  'pause_at_step': _pause_at_step,
   'slow_save': lambda v: _slow_save(float(v)),
 }
 

@@ -275,31 +275,38 @@ def test_a_nearly_full_disk_is_refused_before_saving_and_the_run_resumes(tmp_pat
   _tmpfs(disk, '16m')
   try:
     workdir = disk / 'run'
+    go = tmp_path / 'go'  # Outside the small disk.
     extra = ('--config.train.checkpoint_every=10',)
     run(workdir, 10, *extra)
-    checkpoint = sum(
-      os.path.getsize(os.path.join(r, n))
-      for r, _, ns in os.walk(workdir / 'checkpoints' / '10')
-      for n in ns
-    )
-    # Room for one more checkpoint, not for two: the run checks the free space
-    # against its estimate of a checkpoint before every save, so leave that
-    # estimate plus half a checkpoint (the logs written meanwhile are smaller).
-    filler = disk / 'filler'
-    free = workdirs.free_bytes(str(disk))
-    with open(filler, 'wb') as f:
-      f.write(b'\0' * max(0, free - (estimated_checkpoint_bytes(workdir) + checkpoint // 2)))
-    result = run(workdir, 30, *extra, check=False)
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert 'Traceback' not in result.stderr
-    [line] = error_lines(result)
+    # The run saves at 20, pauses at 25; then the disk is filled to half of
+    # the run's own estimate of a checkpoint (how many bytes orbax writes
+    # varies from save to save, the check before each save must not), and the
+    # save at 30 is refused before anything of it is written.
+    process = start(workdir, 30, *extra, fault=f'pause_at_step:25:{go}')
+    try:
+      wait_for_line(process, 'fault: paused at 25')
+      wait_for(lambda: workdirs.checkpoint_steps(str(workdir)) == [10, 20], process)
+      needed = estimated_checkpoint_bytes(workdir)
+      with open(disk / 'filler', 'wb') as f:
+        f.write(b'\0' * (workdirs.free_bytes(str(disk)) - needed // 2))
+      go.touch()
+      process.wait(timeout=300)
+    finally:
+      if process.poll() is None:
+        process.kill()
+    time.sleep(0.5)  # The reader thread takes the last lines.
+    stderr = ''.join(process.stderr_lines)
+    assert process.returncode == 2, stderr[-3000:]
+    assert 'Traceback' not in stderr
+    [line] = [l for l in stderr.strip().splitlines() if l.startswith('error')]
     assert line.startswith(
-      f'error: no space left on device while saving checkpoint 30 to {workdir}/checkpoints'
+      f'error: no space left on device while saving checkpoint 30 to {workdir}/checkpoints ('
     ), line
+    assert 'free, a checkpoint needs about' in line
     assert line.endswith('; free space and run the same command to resume.')
     assert workdirs.checkpoint_steps(str(workdir)) == [10, 20]
     assert not [n for n in os.listdir(workdir / 'checkpoints') if not n.isdigit()]
-    os.remove(filler)
+    os.remove(disk / 'filler')
     again = run(workdir, 30, *extra)
     assert 'from step 20' in again.stderr
     assert json.loads((workdir / 'results.json').read_text())['step'] == 30
