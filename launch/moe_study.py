@@ -640,6 +640,121 @@ def sweep_table(records: list[dict]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def _seeded(records: list[dict], make) -> list[dict]:
+  """The records of `make(seed)` (a Run) for SEEDS that are in the ledger."""
+  by_id = {r['run_id']: r for r in records}
+  return [by_id[make(seed).id] for seed in SEEDS if make(seed).id in by_id]
+
+
+def _row(name: str, members: list[dict], baseline: list[dict], extra: str = '') -> str:
+  if not members:
+    return f'| {name} | - | - | - | - | - |{extra}'
+  first = members[0]
+  accuracy = _pct(*mean_std(r['test_accuracy'] for r in members))
+  seeds = ' / '.join(f'{100 * r["test_accuracy"]:.2f}' for r in members)
+  delta = _pct(*paired_delta(members, baseline), signed=True) if baseline is not members else '—'
+  return (
+    f'| {name} | {first["params"]:,} | {first["gflops_per_image"]:.4f} | {accuracy} | '
+    f'{seeds} | {delta} |{extra}'
+  )
+
+
+def router_table(records: list[dict]) -> str:
+  """ROUTER_VARIANTS at ROUTER_WIDTH on the test split, paired against the dense model."""
+  dense = _seeded(records, lambda s: test_run(ROUTER_WIDTH, 'dense', s))
+  lines = [
+    '| model | params | GFLOPs/img | accuracy (%) | by seed | Δ vs dense (paired) | '
+    'dropped | s/step |',
+    '| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |',
+  ]
+  members_of = {}
+  for variant in ROUTER_VARIANTS:
+    members = _seeded(records, lambda s, v=variant: test_run(ROUTER_WIDTH, v, s))
+    members_of[variant] = members
+    dropped = mean_std(r['dropped'] for r in members)
+    step = mean_std(r['step_seconds'] for r in members)
+    extra = (
+      f' {"-" if dropped[2] == 0 else f"{100 * dropped[0]:.1f}%"} | '
+      f'{"-" if step[2] == 0 else f"{step[0]:.3f}"} |'
+    )
+    lines.append(_row(variant, members, dense if variant != 'dense' else members, extra))
+  image, token = members_of.get('image-e32-all', []), members_of.get('top1-e32-all', [])
+  text = '\n'.join(lines) + '\n'
+  if image and token:
+    text += (
+      '\nImage-level against token-level top-1 (the same experts, capacity and '
+      f'placement), paired by seed: {_pct(*paired_delta(image, token), signed=True)} points.\n'
+    )
+  return text
+
+
+def remedies_table(records: list[dict]) -> str:
+  """Pre-training then upcycling, dense continuation, and distillation, at ROUTER_WIDTH."""
+  width, half = ROUTER_WIDTH, FULL_STEPS // 2
+  arg = f'w{width}'
+  second_half = (('train.eval_every', 0), ('train.num_steps', half))
+
+  def source(seed):
+    return test_run(width, 'dense', seed, train__num_steps=half)
+
+  def derived(config, kind, origin):
+    return lambda s: Run(config, () if kind == 'distilled' else second_half, s, kind, origin(s))
+
+  dense = _seeded(records, lambda s: test_run(width, 'dense', s))
+  rows = [
+    ('dense, all steps', dense),
+    (f'dense, half the steps ({half})', _seeded(records, source)),
+    (
+      'dense half, then dense for the other half',
+      _seeded(records, derived(f'configs/fashion_upcycle.py:dense,{arg}', 'continued', source)),
+    ),
+    (
+      'dense half, then upcycled for the other half',
+      _seeded(records, derived(f'configs/fashion_upcycle.py:{arg}', 'upcycled', source)),
+    ),
+    (
+      'the upcycled MoE from scratch, all steps',
+      _seeded(
+        records,
+        lambda s: Run(f'configs/fashion_switch.py:{arg}', tuple(sorted(UPCYCLE_ARCH.items())), s),
+      ),
+    ),
+    (f'teacher: {BEST_VARIANT}', _seeded(records, lambda s: test_run(width, BEST_VARIANT, s))),
+    (
+      'dense student distilled from the teacher',
+      _seeded(
+        records,
+        derived(
+          f'configs/fashion_distill.py:{arg}', 'distilled', lambda s: test_run(width, BEST_VARIANT, s)
+        ),
+      ),
+    ),
+  ]
+  lines = [
+    '| model | params | GFLOPs/img | accuracy (%) | by seed | Δ vs dense, all steps (paired) |',
+    '| --- | ---: | ---: | ---: | --- | ---: |',
+  ]
+  lines += [_row(name, members, dense if name != rows[0][0] else members) for name, members in rows]
+  text = '\n'.join(lines) + '\n'
+  members = dict(rows)
+  upcycled = members['dense half, then upcycled for the other half']
+  continued = members['dense half, then dense for the other half']
+  if upcycled and continued:
+    text += (
+      '\nUpcycled against continued dense from the same half-trained model, paired by seed: '
+      f'{_pct(*paired_delta(upcycled, continued), signed=True)} points.\n'
+    )
+  teacher, student = members[f'teacher: {BEST_VARIANT}'], members[rows[-1][0]]
+  gain, kept = paired_delta(teacher, dense), paired_delta(student, dense)
+  if gain[2] and kept[2] and gain[0] != 0:
+    text += (
+      f'Distillation kept {100 * kept[0] / gain[0]:.0f}% of the teacher\'s gain over the dense '
+      f'model ({_pct(*kept, signed=True)} of {_pct(*gain, signed=True)} points) at the dense '
+      'model\'s cost.\n'
+    )
+  return text
+
+
 FIGURE = 'docs/figures/fashion_moe_vs_size.png'
 DOC = 'docs/experiments/moe_study.md'
 DOC_HEADER = """# Where sparse experts pay: the MoE against model size on Fashion-MNIST
@@ -706,6 +821,23 @@ def write_tables(results: str, out: str) -> str:
     size + '\n![accuracy against FLOPs and parameters](../figures/fashion_moe_vs_size.png)\n\n'
   )
   text += '## Every run on the test split\n\n' + results_table(records, 'test') + '\n'
+  text += (
+    f'## Every router at width {ROUTER_WIDTH} (test split, recipe {BEST_RECIPE})\n\n'
+    'The same placement (every block) and 32 experts; top-1, Expert Choice (capacity\n'
+    'factor 1), image-level top-1 and dropless with experts of the MLP\'s width, top-2\n'
+    'with half-width experts, Soft MoE with one slot per expert and one image per\n'
+    'group. `dropped`: the share of token assignments past capacity, at evaluation.\n\n'
+    + router_table(records)
+    + '\n'
+  )
+  text += (
+    f'## The two remedies at width {ROUTER_WIDTH}: pre-training then upcycling, and '
+    'distillation (test split)\n\n'
+    'Upcycling (`configs/fashion_upcycle.py`): every MLP of blocks 0 and 2 copied into 8\n'
+    'experts, dropless top-2 with renormalised weights, so the upcycled model starts as\n'
+    'the dense function. Distillation (`configs/fashion_distill.py`): the dense ViT trained\n'
+    'on the teacher\'s soft labels and the true ones.\n\n' + remedies_table(records) + '\n'
+  )
   sweeps = sweep_table(records)
   if sweeps:
     text += '## Evaluation capacity sweeps (test split)\n\n' + sweeps + '\n'
