@@ -659,6 +659,21 @@ def _row(name: str, members: list[dict], baseline: list[dict], extra: str = '') 
   )
 
 
+def _bpr_row(variant: str, members: list[dict], dense: list[dict], factor: float) -> str:
+  """A router-table row from the capacity sweeps: `members` evaluated with BPR at `factor`."""
+  swept = [
+    (dict(r, test_accuracy=setting['accuracy']), setting['kept_share'])
+    for r in members
+    for setting in r.get('capacity_sweep') or []
+    if setting['capacity_factor'] == factor and setting['batch_priority']
+  ]
+  name = f'{variant}, evaluated with BPR at C = {factor:g}'
+  if not swept:
+    return _row(name, [], dense, ' - | - |')
+  dropped = 1 - mean_std(kept for _, kept in swept)[0]
+  return _row(name, [r for r, _ in swept], dense, f' {100 * dropped:.1f}% | - |')
+
+
 def router_table(records: list[dict]) -> str:
   """ROUTER_VARIANTS at ROUTER_WIDTH on the test split, paired against the dense model."""
   dense = _seeded(records, lambda s: test_run(ROUTER_WIDTH, 'dense', s))
@@ -678,6 +693,8 @@ def router_table(records: list[dict]) -> str:
       f'{"-" if step[2] == 0 else f"{step[0]:.3f}"} |'
     )
     lines.append(_row(variant, members, dense if variant != 'dense' else members, extra))
+    if variant == 'top1-e32-all':  # The same models, evaluated with BPR at C = 0.5.
+      lines.append(_bpr_row(variant, members, dense, 0.5))
   image, token = members_of.get('image-e32-all', []), members_of.get('top1-e32-all', [])
   text = '\n'.join(lines) + '\n'
   if image and token:
@@ -814,7 +831,7 @@ What they show:
 def write_tables(results: str, out: str) -> str:
   """docs/experiments/moe_study.md, the figure, and the README's results block."""
   records = ledger.load_records(results)
-  size = size_table(records)
+  size, routers = size_table(records), router_table(records)
   text = DOC_HEADER
   text += f'## The gain against model size (test split, {BEST_VARIANT}, recipe {BEST_RECIPE})\n\n'
   text += (
@@ -826,8 +843,10 @@ def write_tables(results: str, out: str) -> str:
     'The same placement (every block) and 32 experts; top-1, Expert Choice (capacity\n'
     'factor 1), image-level top-1 and dropless with experts of the MLP\'s width, top-2\n'
     'with half-width experts, Soft MoE with one slot per expert and one image per\n'
-    'group. `dropped`: the share of token assignments past capacity, at evaluation.\n\n'
-    + router_table(records)
+    'group. `dropped`: the share of token assignments past capacity, at evaluation.\n'
+    '`s/step`: the run\'s own mean step time on one core with another run beside it;\n'
+    'for time ratios use `python -m vmoe_jax.bench` side by side (docs/performance.md).\n\n'
+    + routers
     + '\n'
   )
   text += (
@@ -855,12 +874,12 @@ def write_tables(results: str, out: str) -> str:
   with open(doc, 'w') as f:
     f.write(text)
   if os.path.abspath(out) == os.path.join(REPO, 'docs'):
-    _update_readme(size)
+    _update_readme(size, routers)
   return text
 
 
-def _update_readme(size: str) -> None:
-  """The README's results block: the size table, the figure and the commands."""
+def _update_readme(size: str, routers: str) -> None:
+  """The README's results block: the size and router tables, the figure, the commands."""
   path = os.path.join(REPO, 'README.md')
   with open(path) as f:
     readme = f.read()
@@ -870,19 +889,24 @@ def _update_readme(size: str) -> None:
   block = (
     'Fashion-MNIST test accuracy, the dense ViT against the MoE at equal active FLOPs\n'
     f'(`{BEST_VARIANT}`: top-2 of 32 experts half as wide in every block; the recipe\n'
-    'and the MoE chosen on a held-out slice of the train split), 3 seeds, Δ paired:\n\n'
+    'and the MoE chosen on a held-out slice of the train split), 3 seeds (`n=` marks a\n'
+    'row still short of them), Δ paired by seed:\n\n'
     + size
     + f'\n![accuracy against FLOPs and parameters]({FIGURE})\n\n'
     'Every run is a record in `results/fashion_mnist/`; the tables, this block and the\n'
     'figure come from that folder alone:\n\n'
     '```bash\n'
     'python launch/moe_study.py tables    # docs/experiments/moe_study.md, the figure, this block\n'
-    'python launch/moe_study.py run --queue=size --jobs=2    # trains what the ledger lacks\n'
+    'python launch/moe_study.py run --queue=size --jobs=2     # trains what the ledger lacks\n'
+    'python launch/moe_study.py run --queue=routers --jobs=2\n'
     '```\n\n'
-    'Every router at one width, the capacity sweeps and the Switch-ViT CIFAR-10\n'
-    "study's two remedies (image-level routing; pre-training then upcycling, and\n"
-    'distillation) are in `docs/experiments/moe_study.md`; the Fashion-MNIST recipe\n'
-    'and how it was reached in `docs/experiments/fashion_mnist.md`.\n'
+    f'Every router at width {ROUTER_WIDTH}, 32 experts in every block, the same recipe\n'
+    '(Δ paired against the dense model of that width):\n\n'
+    + routers
+    + '\nThe capacity sweeps and the Switch-ViT CIFAR-10 study\'s two remedies\n'
+    '(pre-training then upcycling, and distillation) are in\n'
+    '`docs/experiments/moe_study.md`; the Fashion-MNIST recipe and how it was reached\n'
+    'in `docs/experiments/fashion_mnist.md`.\n'
   )
   head, rest = readme.split(begin, 1)
   with open(path, 'w') as f:
