@@ -552,6 +552,7 @@ def size_curve(records: list[dict], split: str, recipe: str, variant: str):
 def plot_size_curve(curves: dict, path: str, title: str) -> None:
   """Accuracy against active GFLOPs and against parameters: dense and MoE lines."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -575,6 +576,8 @@ def plot_size_curve(curves: dict, path: str, title: str) -> None:
           f'w{p[0]}', (xi, 100 * p[3]), textcoords='offset points', xytext=(4, -12), fontsize=8
         )
     ax.set_xscale('log')
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%g'))
     ax.set_xlabel(label)
     ax.set_ylabel('test accuracy (%)')
     ax.grid(True, alpha=0.3)
