@@ -16,7 +16,7 @@ against configs/fashion_vit.py), about 1.08x the dense run's time (commit
 
 from vmoe_jax.schema import defaults
 
-ARGS = ('val', 'w16', 'w32', 'w64', 'w128')  # As configs/fashion_vit.py.
+ARGS = ('val', 'w8', 'w16', 'w32', 'w64', 'w128')  # As configs/fashion_vit.py.
 
 
 def get_config(arg=None):

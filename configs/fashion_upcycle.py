@@ -26,9 +26,9 @@ training is not measured yet.
 
 from vmoe_jax.schema import defaults
 
-# ':dense' continues the dense model instead; ':val' and ':w16' ... ':w128' as
+# ':dense' continues the dense model instead; ':val' and ':w8' ... ':w128' as
 # configs/fashion_vit.py (comma-separated, e.g. ':w32,val').
-ARGS = ('dense', 'val', 'w16', 'w32', 'w64', 'w128')
+ARGS = ('dense', 'val', 'w8', 'w16', 'w32', 'w64', 'w128')
 
 
 def get_config(arg=None):

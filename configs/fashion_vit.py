@@ -25,7 +25,7 @@ from vmoe_jax.schema import defaults
 
 # ':wN' arguments: the model at width N (depth 4, MLP 4N, heads of width 32),
 # the recipe otherwise; ':w128' is the default model.
-WIDTHS = {'w16': 16, 'w32': 32, 'w64': 64, 'w128': 128}
+WIDTHS = {'w8': 8, 'w16': 16, 'w32': 32, 'w64': 64, 'w128': 128}
 ARGS = ('val', *WIDTHS)
 
 

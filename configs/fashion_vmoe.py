@@ -16,7 +16,7 @@ step (commit 976303f, 2026-12-06).
 
 from vmoe_jax.schema import defaults
 
-ARGS = ('val', 'w16', 'w32', 'w64', 'w128')  # As configs/fashion_vit.py.
+ARGS = ('val', 'w8', 'w16', 'w32', 'w64', 'w128')  # As configs/fashion_vit.py.
 
 
 def get_config(arg=None):
