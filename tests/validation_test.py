@@ -28,11 +28,11 @@ CONFIG_ARGS = {
   'digits_finetune.py': (None, '10shot'),
   'digits_switch.py': (None,),
   'digits_vit.py': (None,),
-  'fashion_distill.py': (None, 'val', 'w16', 'w32', 'w64', 'w128'),
-  'fashion_switch.py': (None, 'val', 'w16', 'w32', 'w64', 'w128'),
-  'fashion_upcycle.py': (None, 'dense', 'val', 'w16', 'w32', 'w64', 'w128'),
-  'fashion_vit.py': (None, 'val', 'w16', 'w32', 'w64', 'w128'),
-  'fashion_vmoe.py': (None, 'val', 'w16', 'w32', 'w64', 'w128'),
+  'fashion_distill.py': (None, 'val', 'w8', 'w16', 'w32', 'w64', 'w128'),
+  'fashion_switch.py': (None, 'val', 'w8', 'w16', 'w32', 'w64', 'w128'),
+  'fashion_upcycle.py': (None, 'dense', 'val', 'w8', 'w16', 'w32', 'w64', 'w128'),
+  'fashion_vit.py': (None, 'val', 'w8', 'w16', 'w32', 'w64', 'w128'),
+  'fashion_vmoe.py': (None, 'val', 'w8', 'w16', 'w32', 'w64', 'w128'),
 }
 
 
