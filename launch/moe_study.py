@@ -276,10 +276,10 @@ def test_run(width: int, variant: str, seed: int, **extra) -> Run:
 
 
 def queue_size() -> list[Run]:
-  """Test split, 3 seeds: dense against the MoE at widths 16-128 (wide models last)."""
+  """Test split, 3 seeds: dense against the MoE at widths 8-128 (wide models last)."""
   return [
     test_run(width, variant, seed)
-    for widths in ((16, 32, 64), (128,))
+    for widths in ((8, 16, 32, 64), (128,))
     for seed in SEEDS
     for width in widths
     for variant in ('dense', BEST_VARIANT)
