@@ -810,7 +810,7 @@ erasing for 12 epochs.
 """
 
 
-SEARCH_NOTES = """Three screens, seed 0 each, on 2026-12-07 (commits 3c9b3ec, 28e274e and 3344331;
+SEARCH_NOTES = """Three screens, seed 0 each, on 2026-12-07 (commits 3c9b3ec, 28e274e and e2f628f;
 a 2-core Intel Xeon, two runs side by side, one core each). One seed on
 6,000 held-out images: a single accuracy has a binomial std of about 0.4
 points, so single differences below ~0.8 are not evidence on their own.
