@@ -169,7 +169,8 @@ def test_on_corrupt_previous_resumes_from_the_checkpoint_before_and_keeps_the_by
   assert result.returncode == 0, result.stderr[-3000:]
   # The failed restore left nothing behind in the process that went on.
   assert 'Traceback' not in result.stderr and 'Event loop is closed' not in result.stderr
-  warnings = [line for line in result.stderr.splitlines() if line.startswith('W')]
+  # Its two warnings (orbax may add a timing notice on a loaded machine).
+  warnings = [l for l in result.stderr.splitlines() if l.startswith('W') and 'corrupt' in l]
   assert len(warnings) == 2, warnings
   assert f'checkpoint {workdir}/checkpoints/20 is corrupt: params/block_01/moe/wi' in warnings[0]
   assert '20.corrupt' in warnings[1]

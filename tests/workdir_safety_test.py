@@ -75,9 +75,13 @@ def run(workdir, steps, *extra, fault=None, check=True):
   return result
 
 
+_LOG_LINE = re.compile(r'[IW]\d{4} \d\d:\d\d:\d\d')  # absl's info and warning lines.
+
+
 def error_lines(result):
-  """The stderr lines other than progress logs (absl's 'I...' lines)."""
-  return [line for line in result.stderr.strip().splitlines() if not line.startswith('I')]
+  """The stderr lines other than logs (absl's info and warning lines: progress, and
+  notices such as orbax's on slow saves, which a loaded machine adds)."""
+  return [line for line in result.stderr.strip().splitlines() if not _LOG_LINE.match(line)]
 
 
 def steps_logged(workdir):
