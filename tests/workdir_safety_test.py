@@ -110,6 +110,17 @@ def start(workdir, steps, *extra, fault=None):
   return process
 
 
+def finish(process, timeout=300) -> str:
+  """Waits for a `start`ed run (killing it if it hangs); its whole stderr."""
+  try:
+    process.wait(timeout=timeout)
+  finally:
+    if process.poll() is None:
+      process.kill()
+  time.sleep(0.5)  # The reader thread takes the last lines.
+  return ''.join(process.stderr_lines)
+
+
 def wait_for(condition, process, timeout=300):
   deadline = time.time() + timeout
   while not condition():
@@ -294,12 +305,8 @@ def test_a_nearly_full_disk_is_refused_before_saving_and_the_run_resumes(tmp_pat
       with open(disk / 'filler', 'wb') as f:
         f.write(b'\0' * (workdirs.free_bytes(str(disk)) - needed // 2))
       go.touch()
-      process.wait(timeout=300)
     finally:
-      if process.poll() is None:
-        process.kill()
-    time.sleep(0.5)  # The reader thread takes the last lines.
-    stderr = ''.join(process.stderr_lines)
+      stderr = finish(process)
     assert process.returncode == 2, stderr[-3000:]
     assert 'Traceback' not in stderr
     [line] = [l for l in stderr.strip().splitlines() if l.startswith('error')]
@@ -328,12 +335,8 @@ def test_a_second_ctrl_c_during_the_save_does_not_abort_it(tmp_path):
     process.send_signal(signal.SIGINT)
     wait_for_line(process, 'fault: saving')  # In the save: it sleeps 3 s, then writes.
     process.send_signal(signal.SIGINT)
-    process.wait(timeout=300)
   finally:
-    if process.poll() is None:
-      process.kill()
-  time.sleep(0.5)  # The reader thread takes the last lines.
-  stderr = ''.join(process.stderr_lines)
+    stderr = finish(process)
   assert process.returncode == 2, stderr[-3000:]
   assert 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr
   assert 'SIGINT received again: saving, please wait' in stderr
